@@ -32,6 +32,7 @@ from tarp_fast.tams import (
     Architecture,
     SearchedCell,
     add_tams,
+    cell_flops_per_token,
     make_plan,
     use_architecture,
 )
@@ -140,6 +141,11 @@ def test_cell_cost(benchmark, arch_name):
     mine, base = _interleaved_medians([run, runner(CELL_ARCHS["all_linear"])])
     benchmark.extra_info.update(median_ms=mine * 1e3, all_linear_median_ms=base * 1e3,
                                 ratio_to_all_linear=round(mine / base, 4))
+    if arch_name in CELL_ARCHS:
+        # the cell's FLOP floor for this architecture: a skip edge is free, but the input and
+        # output projections (D -> 64 and back) still run, and they dominate at D >> 64
+        flops = [cell_flops_per_token(sz["D"], 64, CELL_ARCHS[a]) for a in (arch_name, "all_linear")]
+        benchmark.extra_info["flop_ratio_to_all_linear"] = round(flops[0] / flops[1], 4)
     if arch_name == "all_zero":
         benchmark.extra_info["goal_ratio_to_all_linear"] = 0.05
 

@@ -10,7 +10,7 @@
   :func:`save_tams`, :func:`load_tams`, :func:`architecture_report`.
 """
 
-from .cell import EDGES, NUM_EDGES, NUM_OPS, OPS, CellPlan, SearchedCell, make_plan
+from .cell import EDGES, NUM_EDGES, NUM_OPS, OPS, CellPlan, SearchedCell, cell_flops_per_token, make_plan
 from .controller import (
     ESTIMATORS,
     SUBLAYERS,
@@ -38,6 +38,7 @@ from .integrate import (
 
 __all__ = [
     "OPS", "EDGES", "NUM_EDGES", "NUM_OPS", "SearchedCell", "CellPlan", "make_plan",
+    "cell_flops_per_token",
     "ESTIMATORS", "SUBLAYERS", "Architecture", "TAMSController", "TemperatureSchedule",
     "gumbel_softmax_st", "straight_through_argmax", "hard_concrete", "hard_concrete_deploy",
     "hard_concrete_keep_prob", "flop_budget_loss",
