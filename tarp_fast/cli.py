@@ -197,8 +197,13 @@ def _bench_adapt(args: argparse.Namespace) -> int:
     cfg = _settings(args)
     corpus = _load_corpus(args.corpus, args.tokenizer)
     heldout = _split_names(args.heldout, "--heldout")
+    base = None
+    if args.model:
+        from .meta.models import load_base_model  # noqa: PLC0415
+
+        base = load_base_model(args.model)
     result = run_benchmark(corpus, heldout, cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
-                           log=_JsonlLog(args.log), work_dir=args.work_dir)
+                           log=_JsonlLog(args.log), work_dir=args.work_dir, base_model=base)
     _report(result, args.json, args.png)
     return 0
 
@@ -270,7 +275,10 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
         corpus, _ = corpus.split_heldout(_split_names(args.heldout, "--heldout"))
     os.makedirs(args.out, exist_ok=True)
     if args.model:
+        from .meta.models import check_vocab  # noqa: PLC0415
+
         model = load_base_model(args.model)
+        check_vocab(model, corpus.vocab_size)
     else:
         # every rank trains the same base from the same seed: deterministic, no broadcast needed
         model, _, _ = pretrained_base(corpus, cfg, cache_dir=os.path.join(args.out, "cache"),
@@ -318,7 +326,7 @@ def _adapt_cmd(args: argparse.Namespace) -> int:
     from . import load_adapter, mark_only_tarp_trainable, save_adapter, tarp_parameters  # noqa: PLC0415
     from .data.sampling import DomainSplits, random_windows, step_generator  # noqa: PLC0415
     from .meta.finetune import FinetuneRecipe, finetune  # noqa: PLC0415
-    from .meta.models import load_base_model  # noqa: PLC0415
+    from .meta.models import check_vocab, load_base_model  # noqa: PLC0415
 
     torch.set_num_threads(max(1, args.threads))
     conf_path = os.path.join(args.prepared, "prepare_config.json")
@@ -331,6 +339,7 @@ def _adapt_cmd(args: argparse.Namespace) -> int:
     corpus = _load_corpus(args.corpus, args.tokenizer)
     if args.domain not in corpus:
         raise ValueError(f"--domain {args.domain!r} is not in the corpus (domains: {corpus.names})")
+    check_vocab(model, corpus.vocab_size, what="--prepared")
     ft = dict(settings["finetune"])
     if args.steps is not None:
         ft["steps"] = args.steps
@@ -414,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="write the results here")
     b.add_argument("--png", help="write the loss curves here")
     b.add_argument("--log", help="JSONL log of every phase")
+    b.add_argument("--model", help="local transformers causal-LM folder every arm starts from "
+                                   "(default: pretrain a small GPT-2 on the preparation domains)")
     b.add_argument("--cache-dir", help="cache of pretrained bases")
     b.add_argument("--work-dir", help="keep the preparation logs here")
     b.set_defaults(func=_bench_adapt)

@@ -46,7 +46,7 @@ from .._io import atomic_write_bytes
 from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler, random_windows, step_generator
 from .finetune import FinetuneRecipe, finetune, train_lm
-from .models import count_parameters, small_gpt2
+from .models import check_vocab, count_parameters, small_gpt2
 from .prepare import PrepConfig, prepare
 
 __all__ = ["ARMS", "BenchConfig", "run_benchmark", "format_table", "plot_curves", "steps_to_target",
@@ -202,12 +202,15 @@ def run_benchmark(
     progress: bool = False,
     log: Optional[Callable[[dict], None]] = None,
     work_dir: Optional[str] = None,
+    base_model: Optional[nn.Module] = None,
 ) -> dict:
     """Run every arm of ``cfg.arms`` on every held-out domain for every seed; return the JSON dict.
 
     ``corpus`` holds the preparation domains and the held-out ones (``heldout`` names); the
     held-out domains are never seen before their fine-tuning. ``work_dir`` keeps the JSONL logs
-    and checkpoints of the preparation runs.
+    and checkpoints of the preparation runs. ``base_model``: start every arm from this model (a
+    local checkpoint, see :func:`tarp_fast.meta.models.load_base_model`; it is not modified)
+    instead of pretraining the small GPT-2 of ``cfg``.
     """
     log = log or (lambda rec: None)
     prep_corpus, held_corpus = corpus.split_heldout(heldout)
@@ -219,8 +222,14 @@ def run_benchmark(
             unavailable["mltd_tarp_tams"] = reason
             arms.remove("mltd_tarp_tams")
     t_all = time.perf_counter()
-    base, pre_seconds, cached = pretrained_base(prep_corpus, cfg, cache_dir=cache_dir, progress=progress, log=log)
-    log({"phase": "pretrain", "seconds": pre_seconds, "cached": cached})
+    if base_model is not None:
+        check_vocab(base_model, corpus.vocab_size, what="run_benchmark: argument 'base_model'")
+        base, pre_seconds = base_model, 0.0
+        log({"phase": "pretrain", "seconds": 0.0, "given": True})
+    else:
+        base, pre_seconds, cached = pretrained_base(prep_corpus, cfg, cache_dir=cache_dir, progress=progress,
+                                                    log=log)
+        log({"phase": "pretrain", "seconds": pre_seconds, "cached": cached})
     pc = cfg.prep
     per_seed: dict[str, dict] = {}
     prep_cost: dict[str, list[float]] = {}
@@ -293,6 +302,7 @@ def run_benchmark(
     out["unavailable"] = unavailable
     out["preparation_seconds"] = {k: sum(v) / len(v) for k, v in prep_cost.items()}
     out["pretrain_seconds"] = pre_seconds
+    out["base_model"] = ("given: " + type(base).__name__) if base_model is not None else "small GPT-2 pretrained here"
     out["total_seconds"] = time.perf_counter() - t_all
     out["sizes"] = sizes
     out["settings"] = cfg.to_dict()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .._io import atomic_write, atomic_write_bytes
 
-__all__ = ["small_gpt2", "sequence_losses", "save_base_model", "load_base_model", "count_parameters"]
+__all__ = ["small_gpt2", "sequence_losses", "save_base_model", "load_base_model", "check_vocab", "count_parameters"]
 
 
 def small_gpt2(vocab_size: int = 256, *, n_embd: int = 96, n_layer: int = 3, n_head: int = 4,
@@ -92,3 +92,15 @@ def load_base_model(path: str) -> nn.Module:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True)
     return model.train()
+
+
+def check_vocab(model: nn.Module, vocab_size: int, *, what: str = "--model") -> None:
+    """``ValueError`` unless every token id of a ``vocab_size`` tokenizer has a row in ``model``'s embedding.
+
+    Checked before training: an id past the embedding is an index error deep inside the model.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = int(emb.num_embeddings) if emb is not None else int(getattr(model.config, "vocab_size", 0))
+    if rows < vocab_size:
+        raise ValueError(f"{what}: the model's vocabulary has {rows} entries but the tokenizer produces ids up to "
+                         f"{vocab_size - 1}; pass the tokenizer the model was trained with (--tokenizer DIR)")
