@@ -31,7 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+try:
+    import tarp_fast  # noqa: F401  (installed: use it)
+except ImportError:  # run from a checkout without `pip install`: import the tree beside this file
+    sys.path.insert(0, os.path.dirname(HERE))
 
 
 def _flop_floor(M, K, N, r):
@@ -105,7 +108,7 @@ def _make(provider, inp, mode, **kw):
 
 
 def _check(inp, **kw):
-    """Triton vs float64 with the tests' rule (2x eager bf16 error + floor); raises on failure."""
+    """Triton vs float64 with the tests' rule (2x the eager error in the same dtype + a floor); raises on failure."""
     from tarp_fast.kernels import tarp_linear_triton
 
     from tarp_fast import reference
@@ -121,31 +124,37 @@ def _check(inp, **kw):
     y64 = reference.tarp_linear(*[a.double() for a in args], **kw64)
     ye = reference.tarp_linear(*args, **kw1).double()
     ek, ee = (y - y64).abs().max().item(), (ye - y64).abs().max().item()
-    tol = 2 * ee + 1.6e-2 * max(1.0, y64.abs().max().item())
+    floor = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}.get(inp["x"].dtype, 1e-4)
+    tol = 2 * ee + floor * max(1.0, y64.abs().max().item())
     if not ek <= tol:
         raise AssertionError(f"triton disagrees with float64: error {ek:.3g} > {tol:.3g} (eager {ee:.3g})")
     return ek, ee
 
 
-def main(argv=None) -> int:
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def main(argv=None, *, device=None, timer=None) -> int:
+    """Run the report. ``device`` / ``timer`` are for the smoke test only (CPU tensors under
+    ``TRITON_INTERPRET=1`` and a wall-clock median): the figures are meaningful on a GPU only."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--quick", action="store_true", help="r = 16 only, fewer hard-skip fractions")
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--K", type=int, default=4096)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    if device is None and not torch.cuda.is_available():
         print("gpu_report: no CUDA GPU found; this report times the Triton kernels on a GPU and cannot "
               "run here. Run it on a machine with an NVIDIA GPU (see README, GPU install).", file=sys.stderr)
         return 2
     import triton
-    from triton.testing import do_bench
 
-    dev = torch.device("cuda")
+    dev = torch.device(device or "cuda")
     M, K = args.M, args.K
     N = K
     ranks = [16] if args.quick else [4, 16, 32]
-    dtype = torch.bfloat16
+    dtype = DTYPES[args.dtype]
     try:
         import peft  # noqa: F401
 
@@ -154,8 +163,13 @@ def main(argv=None) -> int:
         providers = ["F.linear", "triton", "reference"]
         print("gpu_report: peft is not installed, skipping the peft_lora provider", file=sys.stderr)
 
-    def bench(fn):
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    if timer is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    else:
+        bench = timer
 
     rows, goals = [], []
     for r in ranks:
@@ -208,10 +222,12 @@ def main(argv=None) -> int:
     goals.append(dict(goal="8 tasks / 1 task (same rows) <= 1.15", value=round(eight / one, 3), target=1.15,
                       met=eight / one <= 1.15))
 
-    meta = dict(device=torch.cuda.get_device_name(dev), capability=".".join(map(str, torch.cuda.get_device_capability(dev))),
+    on_gpu = dev.type == "cuda"
+    meta = dict(device=torch.cuda.get_device_name(dev) if on_gpu else f"{dev.type} (smoke run, not a measurement)",
+                capability=".".join(map(str, torch.cuda.get_device_capability(dev))) if on_gpu else "none",
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), M=M, K=K, N=N, dtype="bfloat16",
-                timer="triton.testing.do_bench median (ms)")
+                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), M=M, K=K, N=N, dtype=args.dtype,
+                timer="triton.testing.do_bench median (ms)" if timer is None else "caller's timer (ms)")
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(args.out, f"gpu_report_{stamp}")
@@ -219,7 +235,7 @@ def main(argv=None) -> int:
         json.dump(dict(meta=meta, rows=rows, goals=goals), fh, indent=2)
     md = [f"# tarp-fast Triton GPU report ({meta['date']})", "",
           f"Device: {meta['device']} (sm_{meta['capability'].replace('.', '')}), torch {meta['torch']}, "
-          f"Triton {meta['triton']}, CUDA {meta['cuda']}. bf16, M={M}, K=N={K}; {meta['timer']}.", "",
+          f"Triton {meta['triton']}, CUDA {meta['cuda']}. {args.dtype}, M={M}, K=N={K}; {meta['timer']}.", "",
           "| section | r | mode | provider | ms | ratio |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row.get("ratio_to_F_linear") or row.get("ratio_to_unskipped") or row.get("ratio_to_one_task")

@@ -457,3 +457,48 @@ def test_tarplinear_compiles_fullgraph_through_the_triton_backend():
     want = [x.grad] + [p.grad for p in (layer.tarp_U, layer.tarp_V, layer.tarp_G, layer.tarp_P)]
     for g1, g2 in zip(got, want):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# the GPU report script, end to end on tiny shapes (its logic, not its figures)
+# ----------------------------------------------------------------------------------------------
+def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path):
+    """``benchmarks/gpu_report.py`` with CPU tensors and a wall-clock timer: every section runs,
+    every provider is checked against float64, and the JSON/Markdown files are written."""
+    import importlib.util
+    import json
+    import statistics
+    import sys
+    import time
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_report.py")
+    spec = importlib.util.spec_from_file_location("tarp_fast_gpu_report_smoke", path)
+    report = importlib.util.module_from_spec(spec)
+    saved_path = list(sys.path)
+    try:
+        spec.loader.exec_module(report)
+    finally:
+        sys.path[:] = saved_path
+
+    def timer(fn, reps=2):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    rc = report.main(["--quick", "--M", "48", "--K", "32", "--dtype", "float32", "--out", str(tmp_path)],
+                     device="cpu", timer=timer)
+    assert rc == 0
+    (js,) = tmp_path.glob("gpu_report_*.json")
+    data = json.loads(js.read_text())
+    assert data["meta"]["device"].startswith("cpu") and data["meta"]["dtype"] == "float32"
+    sections = {row["section"] for row in data["rows"]}
+    assert sections == {"providers", "hard_skip", "tasks"}
+    providers = {row["provider"] for row in data["rows"] if row["section"] == "providers"}
+    assert {"F.linear", "triton", "reference"} <= providers
+    assert all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in data["rows"])
+    assert any("8 tasks" in g["goal"] for g in data["goals"]) and all("met" in g for g in data["goals"])
+    assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# tarp-fast Triton GPU report")
