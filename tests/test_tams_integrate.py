@@ -245,6 +245,40 @@ def test_every_parameter_stays_in_the_graph(family):
     assert missing == []
 
 
+def test_ddp_without_find_unused_parameters(tmp_path):
+    """Real DDP (gloo, one process) with ``find_unused_parameters=False``: with a whole layer and
+    every cell edge skipped, a parameter left out of the graph makes DDP's reducer raise on the
+    next iteration; three iterations pass."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        model = _with_tams("gpt2", True).float()
+        L = len(tams_record(model).blocks)
+        ctrl = model.tams_controller
+        emb = torch.randn(1, ctrl.embed_dim)
+        ops = torch.full((1, NUM_EDGES), OPS.index("zero"))
+        z_hard = torch.ones(1, L, 2)
+        z_hard[0, 0, :] = 0.0  # layer 0: attention and FFN skipped by the whole batch (modules not called)
+        ddp = DDP(model, find_unused_parameters=False)
+        opt = torch.optim.SGD(ddp.parameters(), lr=1e-3)
+        ids, _ = _ids(2)
+        for _ in range(3):
+            opt.zero_grad()
+            cl, gl = ctrl.logits(emb)  # straight-through: hard values, the controller's gradient
+            w = F.one_hot(ops, NUM_OPS).float() + (torch.softmax(cl, -1) - torch.softmax(cl, -1).detach())
+            z = z_hard + (gl.sigmoid() - gl.sigmoid().detach())
+            with use_architecture(model, Architecture(w, z), torch.tensor([0, 0])):
+                loss = ddp(input_ids=ids).logits.float().pow(2).mean()
+            loss.backward()
+            opt.step()
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("family", FAMS)
 def test_fresh_tams_leaves_the_model_unchanged(family):
     base = _model(family, True)
