@@ -283,6 +283,40 @@ def test_tams_preparation_runs_batched(corpus):
     assert any(not torch.equal(p, before[n]) for n, p in m.named_parameters() if n in before)
 
 
+def test_tams_cells_are_fast_and_batched_equals_sequential(corpus):
+    """With TAMS the searched cells are adapted per task in the inner loop, stacked [T, ...] in
+    one batched call: the meta-gradient equals the one-task-at-a-time loop (deterministic
+    architectures: the straight-through argmax estimator)."""
+    pytest.importorskip("tarp_fast.tams")
+    from tarp_fast.tams import add_tams
+
+    m = _model(torch.float64)
+    add_tams(m, cell=True, gates=False, cell_width=8, cell_init="normal", estimator="argmax")
+    m = m.double()
+    names = fast_parameter_names(m, cells=True)
+    assert any(".tams_cell." in n for n in names) and not any("controller" in n for n in names)
+    assert not any(".tams_cell." in n for n in fast_parameter_names(m))
+    cfg = _cfg(inner_steps=2, inner_optimizer="adam")
+    batch = _sampler(corpus, cfg).batch_at(1)
+    mb = copy.deepcopy(m)
+    lb = MetaLearner(mb, PrepConfig(**{**cfg.to_dict(), "batched": True}), tams=True)
+    assert lb.fast_names == names
+    for p in lb.outer_params:
+        p.grad = torch.zeros_like(p)
+    lb._meta_grad(batch, 3)
+    ms = copy.deepcopy(m)
+    ls = MetaLearner(ms, PrepConfig(**{**cfg.to_dict(), "batched": False}), tams=True)
+    for p in ls.outer_params:
+        p.grad = torch.zeros_like(p)
+    for t in range(3):
+        ls._meta_grad(batch.select([t]), 3)
+    gb, gs = dict(mb.named_parameters()), dict(ms.named_parameters())
+    for n in gb:
+        torch.testing.assert_close(gb[n].grad, gs[n].grad, rtol=1e-8, atol=1e-11, msg=n)
+    cell_grads = [gb[n].grad for n in names if ".tams_cell." in n]
+    assert any(bool(g.abs().sum() > 0) for g in cell_grads)  # the cells' query gradients arrive
+
+
 @pytest.mark.parametrize("scope", ["adapter", "all"])
 def test_finetune_scope_of_the_adapter_arms(corpus, scope):
     """'all' trains the base too (adapter and base at their own learning rates); 'adapter' only the factors."""

@@ -142,6 +142,61 @@ def test_chosen_weight_gradient_matches_finite_differences():
         torch.testing.assert_close(grad[b, k], fd, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dense", [False, True], ids=["sparse", "dense"])
+def test_weights_stacked_per_task_equal_each_task_alone(dense, causal):
+    """Cell weights stacked ``[T, ...]`` (as the batched inner loop passes them through
+    ``functional_call``) with ``seq_task``: each sequence equals the cell run with its own task's
+    weights; the gradient of every stacked weight equals the sum of the per-task ones."""
+    T, b = 3, 5
+    cells = [_cell(causal, seed) for seed in range(T)]
+    names = [n for n, _ in cells[0].named_parameters()]
+    stacked = {n: torch.stack([dict(c.named_parameters())[n].detach() for c in cells]).requires_grad_(True)
+               for n in names}
+    x, f = _inputs(b=b)
+    seq_task = torch.tensor([2, 0, 2, 1, 0])
+    ops_seq = _random_ops(7, b=b)
+    ops_seq[:, 4] = OPS.index("conv3")  # every parametric op appears
+    ops_seq[0, 5] = OPS.index("conv5")
+    ops_seq[1, 6] = OPS.index("glu")
+    ops_seq[2, 7] = OPS.index("linear")
+    w_full = F.one_hot(ops_seq, NUM_OPS).double()
+    probe = torch.randn(b, S, D, dtype=torch.float64)
+
+    class Dense(torch.nn.Module):  # functional_call runs forward(): route it to the mixture
+        def __init__(self, cell):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, *args):
+            return self.cell.forward_dense(*args)
+
+    def run(cell, params, rows, task):
+        w = w_full[rows]
+        if dense:
+            args = (x[rows], f[rows], w, task)
+            if params is None:
+                return cell.forward_dense(*args)
+            return torch.func.functional_call(Dense(cell), {f"cell.{n}": p for n, p in params.items()}, args)
+        ws = w.gather(-1, ops_seq[rows].unsqueeze(-1)).squeeze(-1)
+        args = (x[rows], f[rows], ws, make_plan(ops_seq[rows].tolist()), task)
+        return torch.func.functional_call(cell, params, args) if params is not None else cell(*args)
+
+    y = run(cells[0], stacked, torch.arange(b), seq_task)
+    grads = torch.autograd.grad((y * probe).sum(), list(stacked.values()))
+    for t in range(T):
+        rows = (seq_task == t).nonzero().squeeze(-1)
+        own = cells[t]
+        y_t = run(own, None, rows, None)
+        torch.testing.assert_close(y[rows], y_t, rtol=1e-12, atol=1e-12)
+        g_t = torch.autograd.grad((y_t * probe[rows]).sum(), list(own.parameters()), allow_unused=True)
+        for n, g_all, g_own in zip(names, grads, g_t):
+            want = torch.zeros_like(g_all[t]) if g_own is None else g_own
+            torch.testing.assert_close(g_all[t], want, rtol=1e-10, atol=1e-12, msg=n)
+    with pytest.raises(ValueError, match="stacked per task.*seq_task"):
+        run(cells[0], stacked, torch.arange(b), None)
+
+
 def _called(cell, ops_seq, grad=True):
     calls = []
     hooks = [m.register_forward_hook(lambda mod, i, o, n=n: calls.append(n))

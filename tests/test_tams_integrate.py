@@ -245,6 +245,36 @@ def test_every_parameter_stays_in_the_graph(family):
     assert missing == []
 
 
+@pytest.mark.parametrize("family", FAMS)
+def test_deepcopy_runs_its_own_weights(family):
+    """A deep copy of a TAMS model (the benchmark copies its starting points) computes with its
+    own cells and linears, and its gradients land on its own parameters; the original is intact."""
+    model = _with_tams(family, True)
+    L = len(tams_record(model).blocks)
+    arch, ti = _arch(L), TASKS
+    ids, dec = _ids()
+    with torch.no_grad(), use_architecture(model, arch, ti):
+        want = _logits(model, ids, dec, family)
+    clone = copy.deepcopy(model)
+    with torch.no_grad(), use_architecture(clone, arch, ti):
+        torch.testing.assert_close(_logits(clone, ids, dec, family), want, rtol=0, atol=0)
+    with torch.no_grad():  # change the copy's cells and FFN exits: only the copy's output moves
+        for n, p in clone.named_parameters():
+            if "tams_cell" in n or n.endswith(("c_proj.weight", "fc2.weight", "down_proj.weight")):
+                p.mul_(1.5)
+    with use_architecture(clone, arch, ti):
+        got = _logits(clone, ids, dec, family)
+    assert not torch.allclose(got, want)
+    got.sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for n, p in clone.named_parameters() if "tams_cell" in n)
+    with torch.no_grad(), use_architecture(model, arch, ti):
+        torch.testing.assert_close(_logits(model, ids, dec, family), want, rtol=0, atol=0)
+    remove_tams(clone)  # the copy's wiring is its own: removing it leaves the original's in place
+    with torch.no_grad(), use_architecture(model, arch, ti):
+        torch.testing.assert_close(_logits(model, ids, dec, family), want, rtol=0, atol=0)
+
+
 def test_ddp_without_find_unused_parameters(tmp_path):
     """Real DDP (gloo, one process) with ``find_unused_parameters=False``: with a whole layer and
     every cell edge skipped, a parameter left out of the graph makes DDP's reducer raise on the

@@ -2,8 +2,8 @@
 
 Notation: ``θ`` the slow parameters (the base model, the TARP initialization ``φ``, the TAMS
 controller and cells when present), ``φ'_t`` the fast parameters of task ``t`` (its copy of the
-TARP factors). One meta-step over a meta-batch of ``T`` tasks, each with support batches
-``S_t^1..S_t^k`` and a query batch ``Q_t``::
+TARP factors and, with TAMS, of the searched cells' weights). One meta-step over a meta-batch
+of ``T`` tasks, each with support batches ``S_t^1..S_t^k`` and a query batch ``Q_t``::
 
     φ'_t ← φ                                    (every task starts from the shared init)
     repeat k times:  φ'_t ← φ'_t − α · d_t        d_t = ∇_{φ'_t} L(S_t^j; θ, φ'_t)      (SGD)
@@ -28,7 +28,8 @@ directions: ``φ'_t = φ − α Σ_j d_t^j`` so ``∂L/∂α = −<∇_{φ'_t} L
 **Batched tasks.** The ``T`` tasks are adapted together: the fast factors are stacked
 ``[T, ...]`` and passed through ``torch.func.functional_call``; the TARP layers are declared
 ``T``-task for the call and every sequence carries its task id through
-:func:`tarp_fast.tarp_context`, so one forward/backward per inner step serves all tasks. The inner
+:func:`tarp_fast.tarp_context` (and, with TAMS, through the active architecture, from which the
+cells read it), so one forward/backward per inner step serves all tasks. The inner
 loss is the *sum* over tasks of each task's mean loss, so each task's slice of the gradient is
 exactly its own gradient. ``batched=False`` runs the reference Python loop over tasks.
 
@@ -54,6 +55,7 @@ import torch.nn as nn
 from ..data.sampling import TaskBatch, TaskSampler, step_generator
 from ..nn.context import tarp_context
 from ..nn.linear import TARP_PARAM_PREFIX, TARPLinear
+from ..tams.cell import CELL_NAME
 from .checkpoint import (
     Checkpointer,
     optimizer_state_from_flat,
@@ -119,15 +121,19 @@ class PrepConfig:
         return d
 
 
-def fast_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the parameters the inner loop adapts: the TARP factors (``...tarp_*``).
+def fast_parameter_names(model: nn.Module, *, cells: bool = False) -> list[str]:
+    """Names of the parameters the inner loop adapts: the TARP factors (``...tarp_*``) and, with
+    ``cells``, the weights of the TAMS searched cells (``...tams_cell.*``).
 
-    The searched cells of TAMS are *not* stacked per task (a cell has one set of weights), so
-    under the batched inner loop they are slow parameters: meta-learned by the outer loop and
-    fine-tuned at adaptation time, not adapted per task inside the meta-batch.
+    Both are stacked ``[T, ...]`` per task in the batched inner loop: TARP layers route rows to
+    their task's factors through ``task_index``, cells read each sequence's task from the active
+    architecture (:mod:`tarp_fast.tams.cell`, "Per-task weights"). The TAMS controller is slow.
     """
-    names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1].startswith(TARP_PARAM_PREFIX)]
-    if not names:
+    names = []
+    for n, _ in model.named_parameters():
+        if n.rsplit(".", 1)[-1].startswith(TARP_PARAM_PREFIX) or (cells and f".{CELL_NAME}." in f".{n}"):
+            names.append(n)
+    if not any(n.rsplit(".", 1)[-1].startswith(TARP_PARAM_PREFIX) for n in names):
         raise ValueError("fast_parameter_names: the model has no TARP factors; call tarp_fast.patch_model(model) first")
     return names
 
@@ -200,7 +206,7 @@ class MetaLearner:
     def __init__(self, model: nn.Module, config: PrepConfig, *, tams: bool = False):
         self.model = model
         self.config = config
-        self.fast_names = fast_parameter_names(model)
+        self.fast_names = fast_parameter_names(model, cells=tams)
         params = dict(model.named_parameters())
         self.fast = {n: params[n] for n in self.fast_names}
         self.slow = [p for _, p in model.named_parameters()]  # named_parameters dedups tied weights
@@ -263,9 +269,13 @@ class MetaLearner:
                 pre = float(loss.detach())
             if not bool(torch.isfinite(loss)):
                 raise NonFiniteLossError(f"prepare: non-finite inner loss at meta-step {self.step}, inner step {j}")
-            grads = torch.autograd.grad(loss, [fast[n] for n in self.fast_names], create_graph=second)
+            # allow_unused: a cell op no task chose this step is not in the graph (gradient 0)
+            grads = torch.autograd.grad(loss, [fast[n] for n in self.fast_names], create_graph=second,
+                                        allow_unused=True)
             new = {}
             for n, g in zip(self.fast_names, grads):
+                if g is None:
+                    g = torch.zeros_like(fast[n])
                 if cfg.inner_optimizer == "adam":
                     m[n] = (1 - b1) * g if j == 0 else b1 * m[n] + (1 - b1) * g
                     v[n] = (1 - b2) * g * g if j == 0 else b2 * v[n] + (1 - b2) * g * g

@@ -39,6 +39,13 @@ costs only the residual add. :meth:`SearchedCell.forward_dense` is the DARTS mix
 
 The output projection starts at zero (``O = 0``, ``o = 0``) so a freshly added cell leaves the
 model's output unchanged.
+
+**Per-task weights.** The preparation stage adapts the cell's weights per task inside its
+inner loop, for all tasks of a meta-batch at once: it passes every cell weight stacked
+``[T, ...]`` through ``torch.func.functional_call`` and the cell reads each sequence's task
+from ``seq_task [B]``. A stacked linear is a batched matmul over per-sequence weights
+(``W[seq_task]``), a stacked convolution a grouped convolution with one group per sequence.
+With ordinary (unstacked) weights ``seq_task`` is ignored and the modules are called as usual.
 """
 
 from __future__ import annotations
@@ -52,7 +59,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["OPS", "EDGES", "NUM_EDGES", "NUM_OPS", "EdgeOps", "SearchedCell", "CellPlan", "make_plan",
-           "cell_flops_per_token"]
+           "cell_flops_per_token", "linear_op", "conv_op", "CELL_NAME"]
+
+#: Attribute name of the cell on each transformer block (``block.tams_cell``).
+CELL_NAME = "tams_cell"
 
 #: Candidate operations of every edge, in logit order.
 OPS: tuple[str, ...] = ("linear", "conv3", "conv5", "glu", "zero", "skip")
@@ -128,6 +138,39 @@ def make_plan(ops_per_seq: Sequence[Sequence[int]], device=None) -> CellPlan:
     return CellPlan(batch=B, groups=tuple(groups))
 
 
+def _per_seq(t: torch.Tensor, task: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    """``t[task]``: the per-sequence slice of a task-stacked weight ``[T, ...]``."""
+    if task is None:
+        raise ValueError(f"SearchedCell: weight {name!r} is stacked per task {list(t.shape)} but no 'seq_task' "
+                         "was given (which task each sequence belongs to)")
+    return t.index_select(0, task)
+
+
+def linear_op(x: torch.Tensor, mod: nn.Linear, task: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x W^T + b`` for ``x [n, S, in]``; ``W [out, in]``, or ``[T, out, in]`` read per sequence."""
+    w, b = mod.weight, mod.bias
+    if w.dim() == 2:
+        return mod(x)  # the module call: forward hooks (profilers, tests) see it
+    wt = _per_seq(w, task, "linear.weight").transpose(1, 2)  # [n, in, out]
+    if b is None:
+        return torch.bmm(x, wt)
+    return torch.baddbmm(_per_seq(b, task, "linear.bias").unsqueeze(1), x, wt)
+
+
+def conv_op(xt: torch.Tensor, mod: nn.Conv1d, task: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """1-D convolution (no padding) of ``xt [n, C_in, L]``; a ``[T, C_out, C_in, k]`` weight is read
+    per sequence as a grouped convolution (one group per sequence)."""
+    w, b = mod.weight, mod.bias
+    if w.dim() == 3:
+        return mod(xt)
+    n, c_in, length = xt.shape
+    wn = _per_seq(w, task, "conv.weight")  # [n, C_out, C_in, k]
+    c_out = wn.shape[1]
+    bn = _per_seq(b, task, "conv.bias").reshape(n * c_out) if b is not None else None
+    y = F.conv1d(xt.reshape(1, n * c_in, length), wn.reshape(n * c_out, c_in, wn.shape[-1]), bn, groups=n)
+    return y.view(n, c_out, -1)
+
+
 class EdgeOps(nn.Module):
     """The parametric candidates of one edge (``zero`` and ``skip`` have no parameters).
 
@@ -148,25 +191,28 @@ class EdgeOps(nn.Module):
         name = OPS[op]
         return (getattr(self, name),) if hasattr(self, name) and name not in ("zero", "skip") else ()
 
-    def _conv(self, conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, conv: nn.Conv1d, x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
         k = conv.kernel_size[0]
         # Why padding by hand: causal needs k-1 zeros on the left only, which Conv1d's
         # symmetric `padding` cannot express.
         left, right = (k - 1, 0) if self.causal else (k // 2, k // 2)
         xt = F.pad(x.transpose(1, 2), (left, right))  # [B, C, S + k - 1]
-        return conv(xt).transpose(1, 2)
+        return conv_op(xt, conv, task).transpose(1, 2)
 
-    def apply_op(self, op: int, x: torch.Tensor) -> torch.Tensor:
-        """``op_{op}(x)`` for ``x [B, S, C]`` (``zero`` returns zeros: only the dense path asks)."""
+    def apply_op(self, op: int, x: torch.Tensor, task: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``op_{op}(x)`` for ``x [B, S, C]`` (``zero`` returns zeros: only the dense path asks).
+
+        ``task [B]``: each sequence's task, read only when the weights are stacked per task.
+        """
         name = OPS[op]
         if name == "linear":
-            return torch.relu(self.linear(x))
+            return torch.relu(linear_op(x, self.linear, task))
         if name == "conv3":
-            return self._conv(self.conv3, x)
+            return self._conv(self.conv3, x, task)
         if name == "conv5":
-            return self._conv(self.conv5, x)
+            return self._conv(self.conv5, x, task)
         if name == "glu":
-            return F.glu(self.glu(x), dim=-1)
+            return F.glu(linear_op(x, self.glu, task), dim=-1)
         if name == "zero":
             return torch.zeros_like(x)
         return x  # skip
@@ -218,7 +264,7 @@ class SearchedCell(nn.Module):
 
     # ---- sparse path: only the chosen ops run ------------------------------------------------
     def forward(self, x_in: torch.Tensor, f: torch.Tensor, edge_weight: torch.Tensor,
-                plan: CellPlan) -> torch.Tensor:
+                plan: CellPlan, seq_task: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``f + O · mean(n2, n3, n4) + o`` computing only the chosen op of each edge.
 
         Args:
@@ -226,6 +272,8 @@ class SearchedCell(nn.Module):
             edge_weight: ``[B, E]`` value of each sequence's chosen one-hot weight per edge
                 (1 in value; the controller's gradient flows through it).
             plan: :class:`CellPlan` for these ``B`` sequences (:func:`make_plan`).
+            seq_task: ``[B]`` int64 task of each sequence; needed only when the weights are
+                stacked per task (see the module docstring), ignored otherwise.
 
         Returns ``[B, S, D]``. Parameters that this call does not use are added as ``0 · p`` so
         every parameter stays in the autograd graph (DDP without ``find_unused_parameters``).
@@ -237,6 +285,8 @@ class SearchedCell(nn.Module):
                 f"SearchedCell: plan for {plan.batch} sequences and edge_weight {list(edge_weight.shape)} "
                 f"do not match the batch [B={B}, E={NUM_EDGES}]"
             )
+        if seq_task is not None and seq_task.shape != (B,):
+            raise ValueError(f"SearchedCell: argument 'seq_task' must be [B={B}], got {list(seq_task.shape)}")
         used: set = set()
         inputs = {0: x_in, 1: f}
         nodes: dict[int, Optional[torch.Tensor]] = {}
@@ -246,7 +296,7 @@ class SearchedCell(nn.Module):
             if i not in nodes:
                 proj = self.in_proj[i]
                 used.add(proj)
-                nodes[i] = torch.relu(proj(inputs[i]))
+                nodes[i] = torch.relu(linear_op(inputs[i], proj, seq_task))
             return nodes[i]
 
         for target in (2, 3, 4):
@@ -259,7 +309,8 @@ class SearchedCell(nn.Module):
                     if src is None:
                         continue  # the source node is exactly 0 for every sequence
                     xs = src if rows is None else src.index_select(0, rows)
-                    y = self.edges[k].apply_op(op, xs)
+                    task = seq_task if (rows is None or seq_task is None) else seq_task.index_select(0, rows)
+                    y = self.edges[k].apply_op(op, xs, task)
                     used.update(self.edges[k].modules_of(op))
                     w = edge_weight[:, k] if rows is None else edge_weight.index_select(0, rows)[:, k]
                     y = y * w.to(y.dtype).view(-1, 1, 1)
@@ -270,32 +321,36 @@ class SearchedCell(nn.Module):
         mids = [nodes[t] for t in (2, 3, 4) if nodes[t] is not None]
         if mids:
             used.add(self.out_proj)
-            out = f + self.out_proj(sum(mids) / 3.0)
+            out = f + linear_op(sum(mids) / 3.0, self.out_proj, seq_task)
         else:  # every intermediate node is 0: O · 0 + o
-            out = f + self.out_proj.bias
+            bias = self.out_proj.bias
+            out = f + (bias if bias.dim() == 1 else _per_seq(bias, seq_task, "out_proj.bias").unsqueeze(1))
         return _anchor_unused(out, self, used)
 
     # ---- dense mixture (reference) -----------------------------------------------------------
-    def forward_dense(self, x_in: torch.Tensor, f: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward_dense(self, x_in: torch.Tensor, f: torch.Tensor, weights: torch.Tensor,
+                      seq_task: Optional[torch.Tensor] = None) -> torch.Tensor:
         """DARTS mixture ``Σ_o w_bko · op_o``: every op of every edge runs (the oracle).
 
         ``weights [B, E, NUM_OPS]`` per sequence. With one-hot weights this equals
-        :meth:`forward` with the corresponding plan.
+        :meth:`forward` with the corresponding plan. ``seq_task`` as in :meth:`forward`.
         """
         self._check(x_in, f)
         B = x_in.shape[0]
         if weights.shape != (B, NUM_EDGES, NUM_OPS):
             raise ValueError(f"SearchedCell.forward_dense: 'weights' must be [{B}, {NUM_EDGES}, {NUM_OPS}], got {list(weights.shape)}")
-        nodes = [torch.relu(self.in_proj[0](x_in)), torch.relu(self.in_proj[1](f))]
+        nodes = [torch.relu(linear_op(x_in, self.in_proj[0], seq_task)),
+                 torch.relu(linear_op(f, self.in_proj[1], seq_task))]
         for target in (2, 3, 4):
             acc = 0
             for k, (source, tgt) in enumerate(EDGES):
                 if tgt != target:
                     continue
                 for op in range(NUM_OPS):
-                    acc = acc + self.edges[k].apply_op(op, nodes[source]) * weights[:, k, op].to(f.dtype).view(-1, 1, 1)
+                    y = self.edges[k].apply_op(op, nodes[source], seq_task)
+                    acc = acc + y * weights[:, k, op].to(f.dtype).view(-1, 1, 1)
             nodes.append(acc)
-        return f + self.out_proj((nodes[2] + nodes[3] + nodes[4]) / 3.0)
+        return f + linear_op((nodes[2] + nodes[3] + nodes[4]) / 3.0, self.out_proj, seq_task)
 
 
 def _anchor_unused(out: torch.Tensor, root: nn.Module, used: set) -> torch.Tensor:

@@ -226,8 +226,34 @@ def _masked_linear(module: nn.Module, orig, x: torch.Tensor, seq_mask: torch.Ten
 
 
 # ---- wrappers -----------------------------------------------------------------------------------
-def _make_linear_forward(record, layer: int, sub: int, role: str, module: nn.Module, orig):
-    def forward(x, *args, **kwargs):
+class _InstalledForward:
+    """A forward installed on a module of a gated layer.
+
+    A callable object rather than a closure, so that ``copy.deepcopy`` (and pickling) of the
+    model re-points it at the copy's record and modules: a closure would be shared by the copy
+    and keep computing with the original model's weights. ``orig`` is a forward that was
+    installed before ours, or ``None`` for the module's own class forward.
+    """
+
+    def __init__(self, record, layer: int, sub: int, module: nn.Module, orig):
+        self.record, self.layer, self.sub, self.module, self.orig = record, layer, sub, module, orig
+
+    def call_orig(self, *args, **kwargs):
+        if self.orig is not None:
+            return self.orig(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+
+class _LinearForward(_InstalledForward):
+    """Entry/exit linear of a sublayer: gated rows, and the cell on the FFN exit."""
+
+    def __init__(self, record, layer: int, sub: int, role: str, module: nn.Module, orig):
+        super().__init__(record, layer, sub, module, orig)
+        self.role = role
+
+    def __call__(self, x, *args, **kwargs):
+        record, layer, sub, role, module, orig = (self.record, self.layer, self.sub, self.role, self.module,
+                                                  self.call_orig)
         st = _ACTIVE.get()
         if st is None or st.record is not record or args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
             return orig(x, *args, **kwargs)
@@ -264,8 +290,6 @@ def _make_linear_forward(record, layer: int, sub: int, role: str, module: nn.Mod
                 y = y * z.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
         return y
 
-    return forward
-
 
 def _apply_cell(st: ActiveArchitecture, info: _BatchInfo, layer: int, cell, f: torch.Tensor, g,
                 rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -280,18 +304,24 @@ def _apply_cell(st: ActiveArchitecture, info: _BatchInfo, layer: int, cell, f: t
     if g is not None and g.status == "none":
         return anchor(f, cell.parameters())
     w = st.edge_weight_seq(info)
+    # info.ti: each sequence's task, read by the cell when its weights are stacked per task
+    # (the preparation stage's batched inner loop)
     if g is None or g.status == "all":
-        return cell(x_in, f, w, info.plan)
+        return cell(x_in, f, w, info.plan, info.ti)
     kept = g.kept
     plan = st.subplan(info, g)
+    ti = info.ti.index_select(0, kept)
     if rows is not None:
-        return cell(x_in, f, w.index_select(0, kept), plan)
-    c = cell(x_in.index_select(0, kept), f.index_select(0, kept), w.index_select(0, kept), plan)
+        return cell(x_in, f, w.index_select(0, kept), plan, ti)
+    c = cell(x_in.index_select(0, kept), f.index_select(0, kept), w.index_select(0, kept), plan, ti)
     return f.index_copy(0, kept, c)
 
 
-def _make_module_forward(record, layer: int, sub: int, module: nn.Module, orig):
-    def forward(*args, **kwargs):
+class _ModuleForward(_InstalledForward):
+    """A whole sublayer module: not called when every sequence skips it, compacted when some do."""
+
+    def __call__(self, *args, **kwargs):
+        record, layer, sub, module, orig = self.record, self.layer, self.sub, self.module, self.call_orig
         st = _ACTIVE.get()
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if st is None or st.record is not record or not isinstance(hs, torch.Tensor) or hs.dim() < 2:
@@ -319,8 +349,6 @@ def _make_module_forward(record, layer: int, sub: int, module: nn.Module, orig):
         if z.requires_grad:
             out = out + 0.0 * z.sum().to(out.dtype)
         return (out, None) if sub == ATTENTION else out
-
-    return forward
 
 
 @contextlib.contextmanager
@@ -351,8 +379,9 @@ def _compacted_tarp_context(hs: torch.Tensor, kept: torch.Tensor):
 def _wrap(module: nn.Module, make) -> tuple:
     had = "forward" in module.__dict__
     old = module.__dict__.get("forward")
-    orig = module.forward  # bound: the class forward, or a forward someone else installed
-    module.forward = make(orig)
+    # None: the class forward (looked up at call time, so a copy calls its own); else a forward
+    # someone else installed on the instance, called as it is
+    module.forward = make(old if had else None)
     return (module, had, old)
 
 
@@ -369,11 +398,11 @@ def install(record) -> list[tuple]:
                     m = spec.block.get_submodule(path)
                     _out_features(m)  # a clear error for an unexpected layer type
                     wrapped.append(_wrap(m, lambda orig, m=m, role=role, sub=sub, i=spec.index:
-                                         _make_linear_forward(record, i, sub, role, m, orig)))
+                                         _LinearForward(record, i, sub, role, m, orig)))
             if record.gates and s.module is not None:
                 m = spec.block.get_submodule(s.module)
                 wrapped.append(_wrap(m, lambda orig, m=m, sub=sub, i=spec.index:
-                                     _make_module_forward(record, i, sub, m, orig)))
+                                     _ModuleForward(record, i, sub, m, orig)))
     return wrapped
 
 

@@ -38,7 +38,7 @@ from ..adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config, save_ad
 from ..patch import patch_modules, tarp_layers
 from . import gates as _gates
 from .blocks import BlockSpec, find_blocks
-from .cell import NUM_EDGES, OPS, SearchedCell
+from .cell import CELL_NAME, NUM_EDGES, OPS, SearchedCell
 from .controller import Architecture, TAMSController, TemperatureSchedule
 from .embedding import task_embedding_dim
 
@@ -114,7 +114,7 @@ def add_tams(model: nn.Module, *, cell: bool = True, gates: bool = True, cell_wi
     # Everything is validated: now change the model.
     if cells is not None:
         for spec, c in zip(blocks, cells):
-            spec.block.add_module("tams_cell", c)
+            spec.block.add_module(CELL_NAME, c)
     model.add_module("tams_controller", controller)
     settings = {"format_version": TAMS_FORMAT_VERSION, "family": family, "num_layers": len(blocks),
                 "cell": cell, "gates": gates, "cell_width": cell_width, "cell_init": cell_init,
@@ -135,8 +135,8 @@ def remove_tams(model: nn.Module) -> nn.Module:
         raise RuntimeError("remove_tams: the model has no TAMS (add_tams was not called)")
     _gates.uninstall(record.wrapped)
     for spec in record.blocks:
-        if "tams_cell" in spec.block._modules:
-            del spec.block._modules["tams_cell"]
+        if CELL_NAME in spec.block._modules:
+            del spec.block._modules[CELL_NAME]
     model._modules.pop("tams_controller", None)
     del model.__dict__[_RECORD]
     return model
