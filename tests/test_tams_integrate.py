@@ -468,12 +468,15 @@ def test_bad_inputs_give_clear_errors():
         task_embedding(model, ids.double())
     with pytest.raises(ValueError, match="no unmasked token"):
         task_embedding(model, ids, torch.zeros_like(ids))
-    model.gradient_checkpointing_enable()
+    # transformers renamed gradient_checkpointing_* to activation_checkpointing_* (old names warn)
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+    enable()
     model.train()
     with pytest.raises(RuntimeError, match="gradient checkpointing"):
         with use_architecture(model, arch, TASKS):
             pass
-    model.gradient_checkpointing_disable()
+    disable()
     model.eval()
     # patching after add_tams would silently bypass the gates: refused
     tarp_fast.patch_model(model, rank=2)

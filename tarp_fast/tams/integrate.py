@@ -70,6 +70,15 @@ def tams_record(model: nn.Module) -> Optional[TAMSRecord]:
     return model.__dict__.get(_RECORD)
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient (activation) checkpointing is on; the property was renamed
+    ``is_activation_checkpointing`` (the old name warns), so read the new one first."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
 def _check_bool(name: str, v) -> None:
     if not isinstance(v, bool):
         raise TypeError(f"add_tams: argument '{name}' must be a bool, got {type(v).__name__}")
@@ -180,10 +189,11 @@ def use_architecture(model: nn.Module, arch: Architecture, task_index: Optional[
             raise ValueError(f"use_architecture: 'arch.gates' must be [T, {L}, 2] for this model, got {got}")
     elif arch.gates is not None:
         raise ValueError("use_architecture: 'arch' has gates but the model has none (add_tams(gates=False))")
-    if getattr(model, "is_gradient_checkpointing", False) and model.training:
+    if _checkpointing(model) and model.training:
         raise RuntimeError(
             "use_architecture: gradient checkpointing is on; its recomputation in backward runs outside "
-            "use_architecture and would see another model. Call model.gradient_checkpointing_disable()"
+            "use_architecture and would see another model. Call model.activation_checkpointing_disable() "
+            "(gradient_checkpointing_disable() in older transformers)"
         )
     T = arch.num_tasks
     if task_index is None:
