@@ -64,6 +64,22 @@ def test_bench_adapt_json_schema(corpus_dir, tmp_path, capsys):
     assert all(json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines())
 
 
+def test_optional_tarp_tams_control_arm(corpus_dir, tmp_path):
+    """The opt-in control: TARP + TAMS without preparation; the deployed cells' sizes are reported."""
+    pytest.importorskip("tarp_fast.tams")
+    out = tmp_path / "bench.json"
+    rc = main(["bench-adapt", "--corpus", corpus_dir, "--heldout", "delta", "--arms", "direct,tarp_tams,mltd_tarp_tams",
+               "--json", str(out), *TINY])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert set(res["domains"]["delta"]["methods"]) == {"direct", "tarp_tams", "mltd_tarp_tams"}
+    active = res["sizes"]["tams_active_cell_parameters"]
+    want = {f"{prefix}delta/seed{seed}" for prefix in ("", "tarp_tams:") for seed in res["per_seed"]}
+    assert set(active) == want and all(v >= 0 for v in active.values())
+    assert set(res["tams_architectures"]) == set(active)
+    assert main(["bench-adapt", "--corpus", corpus_dir, "--heldout", "delta", "--arms", "direct,bogus", *TINY]) == 2
+
+
 def test_prepare_resume_after_kill_is_bitwise_and_adapt_works(corpus_dir, tmp_path):
     common = ["prepare", "--corpus", corpus_dir, "--heldout", "delta", *TINY, "--meta-steps", "4",
               "--checkpoint-every", "1", "--inner-optimizer", "adam"]

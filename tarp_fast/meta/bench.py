@@ -14,6 +14,9 @@ key                 starting point                                              
 ``mltd_tarp_tams``  as ``mltd_tarp`` with TAMS (controller + searched cells);    TARP + cells
                     the held-out domain's architecture is deployed from its
                     support windows
+``tarp_tams``       opt-in control (not in the default arms): the base + fresh   TARP + cells
+                    TARP factors + fresh TAMS, no preparation; separates the
+                    searched cells' added capacity from what preparation adds
 ==================  ===========================================================  ==============
 
 Full-weight arms use ``full_lr``, adapter arms ``adapter_lr`` (adapters are zero-initialized
@@ -49,10 +52,13 @@ from .finetune import FinetuneRecipe, finetune, train_lm
 from .models import check_vocab, count_parameters, small_gpt2
 from .prepare import PrepConfig, prepare
 
-__all__ = ["ARMS", "BenchConfig", "run_benchmark", "format_table", "plot_curves", "steps_to_target",
+__all__ = ["ARMS", "OPTIONAL_ARMS", "BenchConfig", "run_benchmark", "format_table", "plot_curves", "steps_to_target",
            "tams_available", "pretrained_base"]
 
 ARMS = ("direct", "tarp", "multitask", "mltd_tarp", "mltd_tarp_tams")
+#: Arms that run only when asked for (``--arms``); see the table above.
+OPTIONAL_ARMS = ("tarp_tams",)
+_TAMS_ARMS = ("mltd_tarp_tams", "tarp_tams")
 
 
 def tams_available() -> Optional[str]:
@@ -99,9 +105,9 @@ class BenchConfig:
             self.finetune = FinetuneRecipe(**self.finetune)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.arms = tuple(self.arms)
-        bad = [a for a in self.arms if a not in ARMS]
+        bad = [a for a in self.arms if a not in ARMS + OPTIONAL_ARMS]
         if bad:
-            raise ValueError(f"BenchConfig: argument 'arms' has unknown keys {bad}; known: {ARMS}")
+            raise ValueError(f"BenchConfig: argument 'arms' has unknown keys {bad}; known: {ARMS + OPTIONAL_ARMS}")
         if "direct" not in self.arms:
             raise ValueError("BenchConfig: argument 'arms' must include 'direct' (its final loss is the target)")
         if not self.seeds:
@@ -183,6 +189,24 @@ def _add_tams(model: nn.Module, cfg: BenchConfig) -> None:
         add_tams(model, cell=True, gates=False, cell_width=cfg.tams_cell_width)
 
 
+def _active_cell_parameters(model: nn.Module, arch) -> int:
+    """Parameters of the searched cells that the deployed ``arch`` runs (its capacity added to
+    the model): the input and output projections plus the chosen op of each edge."""
+    from ..tams import OPS, tams_record  # noqa: PLC0415
+
+    record = tams_record(model)
+    total = 0
+    ops = arch.ops[0].tolist()
+    for cell in record.cells or ():
+        used = [op for op in ops if OPS[op] != "zero"]
+        if not used:
+            continue
+        total += count_parameters(cell.in_proj.parameters()) + count_parameters(cell.out_proj.parameters())
+        for k, op in enumerate(ops):
+            total += sum(count_parameters(m.parameters()) for m in cell.edges[k].modules_of(op))
+    return total
+
+
 def _tams_context(model: nn.Module, support: torch.Tensor):
     """Deploy one architecture for a held-out domain from its support windows ``[n, L]``."""
     from ..tams import task_embedding, use_architecture  # noqa: PLC0415
@@ -216,11 +240,12 @@ def run_benchmark(
     prep_corpus, held_corpus = corpus.split_heldout(heldout)
     unavailable: dict[str, str] = {}
     arms = list(cfg.arms)
-    if "mltd_tarp_tams" in arms:
-        reason = tams_available()
-        if reason is not None:
-            unavailable["mltd_tarp_tams"] = reason
-            arms.remove("mltd_tarp_tams")
+    for arm in _TAMS_ARMS:
+        if arm in arms:
+            reason = tams_available()
+            if reason is not None:
+                unavailable[arm] = reason
+                arms.remove(arm)
     t_all = time.perf_counter()
     if base_model is not None:
         check_vocab(base_model, corpus.vocab_size, what="run_benchmark: argument 'base_model'")
@@ -241,6 +266,9 @@ def run_benchmark(
         if "tarp" in arms:
             starts["tarp"] = _adapter_model(base, cfg)
             sizes["adapter_parameters"] = count_parameters(tarp_parameters(starts["tarp"]))
+        if "tarp_tams" in arms:
+            starts["tarp_tams"] = _adapter_model(base, cfg)
+            _add_tams(starts["tarp_tams"], cfg)
         if "multitask" in arms:
             mt = copy.deepcopy(base)
             sampler = TaskSampler(prep_corpus, seq_len=pc.seq_len, seed=pc.seed + seed)
@@ -283,12 +311,14 @@ def run_benchmark(
                         adapter_ids = {id(p) for p in params}
                         rest = [p for p in model.parameters() if id(p) not in adapter_ids]
                         params = [{"params": params, "lr": cfg.adapter_lr}, {"params": rest, "lr": cfg.full_lr}]
-                    if arm == "mltd_tarp_tams":
+                    if arm in _TAMS_ARMS:
                         support = random_windows(splits.train, 16, cfg.finetune.seq_len, step_generator(seed, 0, 77))
                         ctx, arch = _tams_context(model, support)
                         from ..tams import architecture_report  # noqa: PLC0415
 
-                        arch_reports[f"{name}/seed{seed}"] = architecture_report(arch, log=False)
+                        key = f"{name}/seed{seed}" if arm == "mltd_tarp_tams" else f"{arm}:{name}/seed{seed}"
+                        arch_reports[key] = architecture_report(arch, log=False)
+                        sizes.setdefault("tams_active_cell_parameters", {})[key] = _active_cell_parameters(model, arch)
                 curves[arm] = finetune(model, params, splits.train, splits.eval, cfg.finetune, seed=seed, lr=lr,
                                        progress=progress, desc=f"{arm} on {name} (seed {seed})", context=ctx)
                 log({"phase": "finetune", "arm": arm, "domain": name, "seed": seed, "curve": curves[arm]})
