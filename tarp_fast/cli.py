@@ -239,6 +239,12 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"model parameters: {sizes['model_parameters']:,}; adapter (TARP factors): "
               f"{sizes['adapter_parameters']:,} ({100.0 * sizes['adapter_parameters'] / sizes['model_parameters']:.1f}% "
               "of the model)")
+    active = sizes.get("tams_active_cell_parameters")
+    if active:
+        lo, hi = min(active.values()), max(active.values())
+        print(f"TAMS cells as deployed per domain and seed: {lo:,}-{hi:,} active parameters "
+              f"({100.0 * lo / sizes['model_parameters']:.0f}-{100.0 * hi / sizes['model_parameters']:.0f}% "
+              "of the model; compare with the opt-in control arm tarp_tams)")
     print(f"demo wall time: {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -80,6 +80,24 @@ def test_optional_tarp_tams_control_arm(corpus_dir, tmp_path):
     assert main(["bench-adapt", "--corpus", corpus_dir, "--heldout", "delta", "--arms", "direct,bogus", *TINY]) == 2
 
 
+def test_demo_end_to_end_at_a_tiny_size(tmp_path, capsys):
+    """`tarp-fast demo` (what `make demo` runs) on this machine's text, every arm, tiny settings."""
+    from tarp_fast.cli import DEMO_HELDOUT
+    from tarp_fast.data import machine_corpus
+
+    names = machine_corpus(max_bytes=50_000).names
+    if not any(n in names for n in DEMO_HELDOUT) or len(names) < 4:
+        pytest.skip(f"this machine has too few text domains for the demo: {names}")
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--max-bytes", "50000", *TINY])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "steps→target" in printed and "demo wall time" in printed and "goal [" in printed
+    res = json.loads((tmp_path / "demo" / "bench.json").read_text())
+    assert set(res["domains"][res["heldout"][0]]["methods"]) == set(ARMS) - set(res["unavailable"])
+    assert (tmp_path / "demo" / "bench.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "corpus_manifest.json").is_file()
+
+
 def test_prepare_resume_after_kill_is_bitwise_and_adapt_works(corpus_dir, tmp_path):
     common = ["prepare", "--corpus", corpus_dir, "--heldout", "delta", *TINY, "--meta-steps", "4",
               "--checkpoint-every", "1", "--inner-optimizer", "adam"]
