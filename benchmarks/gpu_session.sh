@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Everything a GPU machine should run, in two stages that each fit a 10-minute call:
+#
+#   OUT=/some/dir bash benchmarks/gpu_session.sh test     # build the extension (CUDA), GPU test tier
+#   OUT=/some/dir bash benchmarks/gpu_session.sh report   # GPU report + the benchmarks on CUDA
+#
+# Uses the machine's own torch/Triton (python3, or $PYTHON) and installs nothing else
+# (pip --no-deps --no-build-isolation), so it works offline. Results, logs and the versions go
+# to $OUT (default: benchmarks/results/gpu-<date>); copy them to benchmarks/results/ and commit.
+set -u
+stage=${1:-}
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+
+record() { echo "$(date -u +%FT%TZ) $*" | tee -a "$summary"; }
+
+environment() {
+  {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+    "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__)"
+  } > "$OUT/environment.txt" 2>&1
+  cat "$OUT/environment.txt"
+}
+
+case "$stage" in
+  test)
+    environment
+    # the visible GPU's architecture only: a faster build than the default list
+    MAX_JOBS=${MAX_JOBS:-16} "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1
+    record "build exit $?"
+    "$PY" -c "import json, tarp_fast; print(json.dumps(tarp_fast.ext_info(), indent=1, default=str))" \
+      > "$OUT/ext_info.json" 2>&1
+    record "ext_info written"
+    "$PY" -m pytest tests -m "gpu or native" -q -p no:cacheprovider -rs > "$OUT/pytest_gpu.log" 2>&1
+    record "GPU + native test tier exit $? ($(tail -n 1 "$OUT/pytest_gpu.log"))"
+    ;;
+  report)
+    environment
+    "$PY" benchmarks/gpu_report.py --out "$OUT" > "$OUT/gpu_report.log" 2>&1
+    record "gpu_report exit $?"
+    "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k "cuda or llm or tams" \
+      --benchmark-json "$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
+    record "benchmarks exit $? ($(tail -n 1 "$OUT/benchmarks.log"))"
+    ;;
+  *)
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh test|report" >&2
+    exit 2
+    ;;
+esac
