@@ -90,6 +90,10 @@ class TarpFwdFunction : public torch::autograd::Function<TarpFwdFunction> {
     }
     const auto& [y, pre, proj, scale] = out;
     ctx->mark_non_differentiable({pre, proj, scale});
+    // The engine would otherwise allocate zero gradients for the three non-differentiable
+    // outputs on every backward (3 zero-filled tensors; backward reads only dy, and handles an
+    // undefined one): a measurable share of a small adaptation step.
+    ctx->set_materialize_grads(false);
     auto val = [](const OptTensor& t) { return has(t) ? *t : Tensor(); };
     ctx->save_for_backward({x, weight, val(U), val(V), val(G), val(P), val(Q), val(task_index), val(gate),
                             val(skip_gate), pre, proj, scale});

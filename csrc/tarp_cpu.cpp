@@ -586,8 +586,10 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
         }
       });
       if (need(kNeedU)) {  // dU_t = scaling · Σ dpre zᵀ = (scaling · zᵀ dpre)ᵀ
-        Tensor dst = task_slice(dU, multi, t);
-        at::mul_out(dst, at::mm(zT, dpre_t).t(), scaling);
+        // one GEMM straight into dU_tᵀ (a column-major view BLAS writes in place), the scaling as
+        // its alpha: no temporary and no separate multiply (measured ~12 us at the small shapes)
+        Tensor dst = task_slice(dU, multi, t).t();
+        at::addmm_out(dst, dst, zT, dpre_t, /*beta=*/0, /*alpha=*/scaling);
       }
       if (need(kNeedV) || need(kNeedG)) {  // [dV_t; dG_t] = Σ [dh; vec dS] xᵀ, one GEMM
         const bool both = need(kNeedV) && need(kNeedG);
