@@ -339,3 +339,31 @@ def test_finetune_scope_of_the_adapter_arms(corpus, scope):
     assert any(n.endswith("tarp_U") for n in changed)
     base_changed = {n for n in changed if "tarp_" not in n}
     assert bool(base_changed) == (scope == "all")
+
+
+@pytest.mark.parametrize("ops", [
+    ["conv3", "conv3", "conv5", "conv5", "conv3", "conv3", "conv5", "skip", "conv3"],  # the demo's
+    ["zero", "zero", "zero", "zero", "linear", "zero", "zero", "zero", "zero"],  # reads node 2 only: 0
+    ["zero", "glu", "zero", "zero", "linear", "zero", "zero", "zero", "zero"],  # input 1 only
+    ["zero"] * 9,
+])
+def test_active_cell_parameters_count_what_the_cell_runs(ops):
+    """The benchmark's capacity report equals the parameters that get a non-zero gradient."""
+    pytest.importorskip("tarp_fast.tams")
+    import torch.nn.functional as F
+
+    from tarp_fast.meta.bench import _active_cell_parameters
+    from tarp_fast.tams import NUM_OPS, OPS, Architecture, add_tams, use_architecture
+
+    m = _model()
+    add_tams(m, cell=True, gates=False, cell_width=8, cell_init="normal")
+    op_idx = torch.tensor([[OPS.index(o) for o in ops]])
+    arch = Architecture(F.one_hot(op_idx, NUM_OPS).float(), None)
+    ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(0))
+    with use_architecture(m, arch, torch.tensor([0, 0])):
+        sequence_losses(m, ids).sum().backward()
+    used = sum(p.numel() for n, p in m.named_parameters() if ".tams_cell." in n and bool(p.grad.abs().sum() > 0))
+    # the output bias is always added (it is `o` in f + O·mean + o), so it counts only with a live cell
+    expected = _active_cell_parameters(m, arch)
+    bias_only = sum(p.numel() for n, p in m.named_parameters() if n.endswith("tams_cell.out_proj.bias"))
+    assert used == (expected if expected else bias_only)

@@ -192,18 +192,24 @@ def _add_tams(model: nn.Module, cfg: BenchConfig) -> None:
 def _active_cell_parameters(model: nn.Module, arch) -> int:
     """Parameters of the searched cells that the deployed ``arch`` runs (its capacity added to
     the model): the input and output projections plus the chosen op of each edge."""
-    from ..tams import OPS, tams_record  # noqa: PLC0415
+    from ..tams import EDGES, OPS, tams_record  # noqa: PLC0415
 
-    record = tams_record(model)
-    total = 0
     ops = arch.ops[0].tolist()
-    for cell in record.cells or ():
-        used = [op for op in ops if OPS[op] != "zero"]
-        if not used:
-            continue
-        total += count_parameters(cell.in_proj.parameters()) + count_parameters(cell.out_proj.parameters())
-        for k, op in enumerate(ops):
-            total += sum(count_parameters(m.parameters()) for m in cell.edges[k].modules_of(op))
+    # as SearchedCell.forward runs it: an edge runs when it is not `zero` and its source node is
+    # computed (inputs always can be; an intermediate node only when some running edge feeds it)
+    computed, live = {0, 1}, []
+    for k, (source, target) in enumerate(EDGES):  # in topological order
+        if OPS[ops[k]] != "zero" and source in computed:
+            live.append(k)
+            computed.add(target)
+    if not live:  # every intermediate node is 0: only the output bias is added
+        return 0
+    read_inputs = {EDGES[k][0] for k in live if EDGES[k][0] < 2}  # input nodes are projected only when read
+    total = 0
+    for cell in tams_record(model).cells or ():
+        total += count_parameters(cell.out_proj.parameters())
+        total += sum(count_parameters(cell.in_proj[i].parameters()) for i in read_inputs)
+        total += sum(count_parameters(m.parameters()) for k in live for m in cell.edges[k].modules_of(ops[k]))
     return total
 
 
