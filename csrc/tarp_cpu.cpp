@@ -8,7 +8,7 @@
 //             one GEMM on a contiguous block of rows. When nothing is dropped and the tasks are
 //             already grouped, the plan is the identity and no row is copied.
 //   base      pre = xs W_tᵀ + bias: one GEMM (per task only when P makes W task-dependent)
-//   proj      [h | vec S] = xs [V_t; G_t]ᵀ: one GEMM of width R for the stacked projection
+//   proj      [h | vec S] = xs [V_t; G_t]ᵀ: two GEMMs into the column blocks of one [M, R] buffer
 //   z = S h   per row, in a parallel row loop (r*r multiply-adds per row)
 //   delta     pre += scaling · z U_tᵀ, accumulated in place into the base output (addmm_)
 //   epilogue  out[m] = gate · act(pre) + skip_gate · x[m] + residual[m], one row loop that also
@@ -270,12 +270,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& x, const Tenso
   const int64_t r = U.defined() ? U.size(-1) : 0;
   const int64_t R = U.defined() ? (dynamic ? r + r * r : r) : 0;
   if (U.defined()) {
-    // One GEMM for the stacked [V_t; G_t] projection: the r and r*r rows share one pass over x.
-    const Tensor VG = dynamic ? at::cat({V, G}, multi ? 1 : 0) : V;  // [R, K] or [T, R, K]
+    // [h | vec S] = xs [V_t; G_t]ᵀ as two GEMMs writing the two column blocks of proj in place
+    // (BLAS takes the row stride R). Stacking [V; G] for one GEMM needs a copy of G on every call
+    // and the two-GEMM form measured as fast or faster end to end (README, "Native backend").
     proj_s = at::empty({Mk, R}, opts);
     for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
       Tensor dst = proj_s.narrow(0, o, n);
-      at::mm_out(dst, xs.narrow(0, o, n), task_slice(VG, multi, t).t());
+      const Tensor xs_t = xs.narrow(0, o, n);
+      Tensor h = dst.narrow(1, 0, r);
+      at::mm_out(h, xs_t, task_slice(V, multi, t).t());
+      if (dynamic) {
+        Tensor S = dst.narrow(1, r, r * r);
+        at::mm_out(S, xs_t, task_slice(G, multi, t).t());
+      }
     });
     Tensor z_s = proj_s;  // bilinear: z = h
     if (dynamic) {
@@ -289,6 +296,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& x, const Tenso
           scalar_t* z = zp + i * r;
           for (int64_t a = 0; a < r; ++a) {
             scalar_t acc = 0;
+            // a reduction: without the simd pragma the compiler keeps the sum in order, one
+            // dependent add per step (latency-bound, ~3x slower at r = 16)
+#pragma omp simd reduction(+ : acc)
             for (int64_t c = 0; c < r; ++c) acc += S[a * r + c] * h[c];
             z[a] = acc;
           }
@@ -531,8 +541,6 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
   // Per task segment of n rows. The r-wide products are computed in the transposed layout
   // (eᵀ = U_tᵀ dpreᵀ: [r, n], and dU_tᵀ = zᵀ dpre: [r, N]): with r of 4..16, BLAS runs the
   // short-and-wide form 1.5-3x faster than the tall-and-skinny one (measured at M=64, N=128).
-  // [dh | vec dS] of a row sit side by side in dproj [n, R], so dV and dG come from one GEMM
-  // (dproj_tᵀ xs) and dx gets both delta terms from one GEMM (dproj_t [V_t; G_t]).
   Tensor dU = none, dV = none, dG = none;
   if (need_delta) {
     if (need(kNeedU)) dU = multi ? at::zeros_like(U) : at::empty_like(U);
@@ -542,7 +550,6 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
       for (Tensor* t : {&dU, &dV, &dG})
         if (t->numel()) t->zero_();
     }
-    const Tensor VG = (need_x && dynamic) ? at::cat({V, G}, multi ? 1 : 0) : V;  // [(T,) R, K]
     const scalar_t* pj = proj.data_ptr<scalar_t>();
     const bool need_z = need(kNeedU);
     const scalar_t sc = static_cast<scalar_t>(scaling);
@@ -576,6 +583,7 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
             const scalar_t* Sa = S + a * r;
             scalar_t* dSa = dS + a * r;
             scalar_t za = 0;
+#pragma omp simd reduction(+ : za)
             for (int64_t c = 0; c < r; ++c) {
               dSa[c] = ea * h[c];  // dS = e hᵀ
               dh[c] += Sa[c] * ea;  // dh = Sᵀ e
@@ -586,21 +594,28 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
         }
       });
       if (need(kNeedU)) {  // dU_t = scaling · Σ dpre zᵀ = (scaling · zᵀ dpre)ᵀ
-        // one GEMM straight into dU_tᵀ (a column-major view BLAS writes in place), the scaling as
-        // its alpha: no temporary and no separate multiply (measured ~12 us at the small shapes)
-        Tensor dst = task_slice(dU, multi, t).t();
-        at::addmm_out(dst, dst, zT, dpre_t, /*beta=*/0, /*alpha=*/scaling);
+        // scaling · zᵀ dpre into a contiguous [r, N] block, then transposed into dU_t: BLAS writing
+        // the transposed view of dU_t in place was 6x slower at M=512 (149 vs 24 us, N=256, r=8)
+        Tensor dUT = at::empty({r, N}, opts);
+        at::addmm_out(dUT, dUT, zT, dpre_t, /*beta=*/0, /*alpha=*/scaling);
+        task_slice(dU, multi, t).copy_(dUT.t());
       }
-      if (need(kNeedV) || need(kNeedG)) {  // [dV_t; dG_t] = Σ [dh; vec dS] xᵀ, one GEMM
-        const bool both = need(kNeedV) && need(kNeedG);
-        const Tensor rows = both ? dproj : (need(kNeedV) ? dproj.narrow(1, 0, r) : dproj.narrow(1, r, r * r));
-        const Tensor dVG = at::mm(rows.t(), xs_t);
-        if (need(kNeedV)) task_slice(dV, multi, t).copy_(both ? dVG.narrow(0, 0, r) : dVG);
-        if (need(kNeedG)) task_slice(dG, multi, t).copy_(both ? dVG.narrow(0, r, r * r) : dVG);
+      // dh and vec dS sit side by side in dproj [n, R]; each factor's products read its column
+      // block in place (the row stride R goes to BLAS), so no [V; G] stack is built.
+      const Tensor dh_t = dproj.narrow(1, 0, r);
+      const Tensor dS_t = dynamic ? dproj.narrow(1, r, r * r) : Tensor();
+      if (need(kNeedV)) {  // dV_t = Σ dh xᵀ
+        Tensor dst = task_slice(dV, multi, t);
+        at::mm_out(dst, dh_t.t(), xs_t);
       }
-      if (need_x) {  // dx += V_tᵀ dh + G_tᵀ vec(dS), one GEMM on the stacked factors
+      if (need(kNeedG)) {  // dG_t = Σ vec(dS) xᵀ
+        Tensor dst = task_slice(dG, multi, t);
+        at::mm_out(dst, dS_t.t(), xs_t);
+      }
+      if (need_x) {  // dx += V_tᵀ dh + G_tᵀ vec(dS)
         Tensor dst = whole ? dx_s : dx_s.narrow(0, o, n);
-        dst.addmm_(dproj, task_slice(VG, multi, t));
+        dst.addmm_(dh_t, task_slice(V, multi, t));
+        if (dynamic) dst.addmm_(dS_t, task_slice(G, multi, t));
       }
     });
   }
