@@ -256,14 +256,14 @@ def _FWD_OP():
 def preferred_for(spec: TarpSpec) -> bool:
     """Whether ``backend="auto"`` runs this CPU call natively rather than with the reference.
 
-    Decision, by measurement (``TARP_BENCH_THREADS=1 pytest benchmarks/test_bench_native.py
-    --benchmark-only``, float32, frozen base, torch 2.13 CPU, 2-core x86-64 with AVX-512, native
-    and reference timed interleaved in one run): native was at least as fast as the reference in
-    every one of the 38 (shape, mode) cells: fwd+bwd 1.01-1.36x (M in {64, 512}, K = N in
-    {128, 256, 768}, r in {4, 8, 16}) and 1.09x at M=2048, K=N=1024, r=16; fwd 1.02-1.19x. Both
-    run the same MKL GEMMs (the op is GEMM-bound on CPU); native saves the per-op dispatch and
-    autograd bookkeeping and the intermediates, so it never loses. Hence: native for float32 and
-    float64 on CPU, any shape. float16/bfloat16 are not preferred: native computes them in
-    float32 (upcast copies) and that trade was not measured.
+    Decision, by measurement (``pytest benchmarks/test_bench_native.py --benchmark-only``, also
+    with ``TARP_BENCH_THREADS=1``; float32, frozen base, torch 2.13 CPU, 2-core x86-64 with
+    AVX-512, native and reference timed interleaved in one run): native was at least as fast as
+    the reference in every one of the 38 (shape, mode) cells, with 1 and 2 threads: fwd+bwd
+    1.06-1.47x (M in {64, 512}, K = N in {128, 256, 768}, r in {4, 8, 16}) and 1.01-1.07x at
+    M=2048, K=N=1024, r=16; fwd 1.03-1.19x. Both run the same MKL GEMMs (the op is GEMM-bound on
+    CPU); native saves the per-op dispatch, the autograd bookkeeping and the intermediates, so it
+    never loses. Hence: native for float32 and float64 on CPU, any shape. float16/bfloat16 are not
+    preferred: native computes them in float32 (upcast copies) and that trade was not measured.
     """
     return spec.device.type == "cpu" and spec.dtype in _NATIVE_DTYPES
