@@ -209,6 +209,34 @@ def test_frozen_base_costs_no_weight_gemm():
     assert all(grads[i].numel() == 0 for i in (2, 4, 5, 6, 7, 8, 9))
 
 
+_SUBSETS = [("x",), ("U",), ("V",), ("G",), ("V", "G"), ("x", "G"), ("U", "V", "G")]
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize(
+    "wanted, variant",
+    [(w, v) for v in ("dynamic", "bilinear") for w in _SUBSETS if not (v == "bilinear" and "G" in w)],
+)
+def test_each_subset_of_gradients(wanted, variant, T):
+    """Only the inputs in ``wanted`` require grad: each backward branch alone, and per-task
+    gradients of a task with no rows are zero (task 1 gets none here)."""
+    p = _problem(T=T, variant=variant, M=29, K=24, N=20, r=4, scale=False)
+    if T > 1:
+        p.kw["task_index"] = torch.tensor([0, 2] * 14 + [0])
+    dy = torch.randn(29, 20, dtype=torch.float64)
+    got = {}
+    for name, fn in (("native", native), ("reference", reference.tarp_linear)):
+        leaves = {k: getattr(p, k).detach().clone().requires_grad_(k in wanted) for k in ("x", "U", "V")}
+        leaves["G"] = p.G.detach().clone().requires_grad_("G" in wanted) if p.G is not None else None
+        out = fn(leaves["x"], p.weight, p.bias, leaves["U"], leaves["V"], leaves["G"], **p.kw)
+        got[name] = dict(zip(wanted, torch.autograd.grad(out, [leaves[k] for k in wanted], dy)))
+    for k in wanted:
+        err = max_rel_err(got["native"][k], got["reference"][k])
+        assert err <= 1e-12, f"grad {k} with only {wanted} requiring grad, T={T}: rel err {err:.1e}"
+        if T > 1 and k != "x":
+            assert float(got["native"][k][1].abs().max()) == 0.0, f"grad {k} of a task with no rows"
+
+
 @pytest.mark.parametrize(
     "cfg",
     [
