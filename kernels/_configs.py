@@ -10,7 +10,10 @@ is being captured): the candidates are timed once per bucketed key with
 power of two so that varying batch sizes (and the kept-row counts of ``hard_skip``) do not
 re-tune forever.
 
-The defaults are reasoned, not yet measured (no GPU was available when they were written):
+Every config is spill-free with the ptxas of both Triton versions the project meets: 3.9 (CI's
+pin, ptxas 12.9) and 3.6 (the README's minimum and the GPU machines' version, ptxas 12.8, whose
+register allocator spilled 13 of the earlier configs: ``python -m tarp_fast.kernels.compile_check``
+under each). The defaults are reasoned, not yet measured (no GPU was available when they were written):
 16-bit large-M forward tiles of 128x128x64 with 8 warps and 3 stages are the classic Hopper /
 Ampere GEMM tile (96 KiB of shared memory for the operand ring, fits sm_80's 164 KiB);
 fp32 halves BK to keep the same shared memory. Small M (decode-like, <= 64 rows) uses 64-row
@@ -50,7 +53,7 @@ _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
     "fwd": {
         "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
         "large16": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
+        "small32": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
         "large32": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
     },
     # proj: BN is the column tile over the C = r + r*r projection columns
@@ -70,21 +73,23 @@ _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
     },
     # dx: BN is the reduction chunk over N, BK the output tile over K. Ranks > 16 ("-wide"):
     # the per-row dS / dh loop needs registers, the K tile is halved (128 spills at r = 32).
+    # fp32 (FMA dots, large register tiles): 64x32x32 for every rank, the largest tile that is
+    # spill-free with both toolchains (128x32x64 spilled 4 B, 32x32x64 8-12 B with ptxas 12.8).
     "dx": {
         "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
         "large16": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
         "large16-wide": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(32, 32, 64, num_warps=4, num_stages=3),
-        "large32": KernelConfig(128, 32, 64, num_warps=8, num_stages=3),
-        "large32-wide": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "large32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
     },
     # wgrad: BK = A tile, BN = B tile, BM = reduction chunk over rows. fp32 without TF32 runs
-    # the dot on FMA units, whose register tiles are larger: small tiles there.
+    # the dot on FMA units, whose register tiles are larger: small tiles and 8 warps there
+    # (4 warps spilled 4 B in the dW epilogue with ptxas 12.8).
     "wgrad": {
         "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
         "large16": KernelConfig(64, 128, 128, num_warps=8, num_stages=3),
-        "small32": KernelConfig(16, 64, 64, num_warps=4, num_stages=2),
-        "large32": KernelConfig(16, 64, 64, num_warps=4, num_stages=2),
+        "small32": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
+        "large32": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
     },
     # scale (multiplicative term): BN x BK tiles of the [N, K] weight (BM unused)
     "scale": {
@@ -103,13 +108,22 @@ _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
 }
 
 #: sm_80 (Ampere) replacements: mma.sync keeps operand fragments in registers, so the tiles
-#: that are spill-free on sm_90 (wgmma reads shared memory) spill there (compile tier, ptxas -v).
+#: that are spill-free on sm_90 (wgmma reads shared memory) spill there (compile tier, ptxas -v):
+#: rank > 16 forward and dx, the [dV; dG] weight gradient with 128-wide tiles, the fp32 forward
+#: with 128-row tiles and the multiplicative term's 64x64 tiles.
 _SM80: dict[str, dict[str, KernelConfig]] = {
-    "fwd": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3)},
+    "fwd": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+            "large16-wide": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+            "small32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
+            "large32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3)},
     "proj": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3)},
     "dx": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-           "large32": KernelConfig(64, 32, 64, num_warps=8, num_stages=3),
-           "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3)},
+           "large16-wide": KernelConfig(64, 64, 32, num_warps=4, num_stages=3)},
+    "wgrad": {"large16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3)},
+    "scale": {"large32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1),
+              "small32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1)},
+    "scale_bwd": {cls: KernelConfig(16, 32, 64, num_warps=8, num_stages=1)
+                  for cls in ("small16", "large16", "small32", "large32")},
 }
 
 #: Autotuning candidates per kernel (the defaults are always among them). Kept short: every
@@ -142,7 +156,7 @@ CANDIDATES_SM80: dict[str, list[KernelConfig]] = {
         KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
     ],
-    "wgrad": CANDIDATES["wgrad"],
+    "wgrad": [KernelConfig(64, 64, 64, num_warps=4, num_stages=3)],
 }
 
 
@@ -192,7 +206,9 @@ def default_config(name: str, cls: str, *, rank: int = 0, arch: int = 90) -> Ker
     table = dict(_DEFAULTS[name])
     if arch < 90:
         table.update(_SM80.get(name, {}))
-    if rank > 16 and cls + "-wide" in table and not (arch < 90 and cls in _SM80.get(name, {})):
+    sm80 = _SM80.get(name, {}) if arch < 90 else {}
+    # an sm_80 replacement of the class also replaces its "-wide" variant unless it has its own
+    if rank > 16 and cls + "-wide" in table and (cls not in sm80 or cls + "-wide" in sm80):
         return table[cls + "-wide"]
     return table[cls]
 

@@ -248,8 +248,8 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
         return [plan_main(x, weight, bias, U, zz if U is not None else None, gate, skip, residual, out,
                           rows, cfg, scaling=scaling, act=act)]
 
-    cfg = config_for("fwd", M, item, arch=arch, key=(N, Kd, U.shape[-1] if U is not None else 0, rows.grouped),
-                     bench=_bench_fn(plans, dev))
+    rank = U.shape[-1] if U is not None else 0
+    cfg = config_for("fwd", M, item, rank=rank, arch=arch, key=(N, Kd, rank, rows.grouped), bench=_bench_fn(plans, dev))
     for p in plans(cfg):
         p.run()
     return out, proj, z, rows.perm, rows.seg_off

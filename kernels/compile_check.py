@@ -123,11 +123,15 @@ def build_plans(arch: int, quick: bool = False):
 
     plans = []
 
-    # forward main kernel: every config with all flags on and with none; rank 32 on the default
+    # forward main kernel: every config with all flags on and with none; rank 32 on the config the
+    # launcher picks for it (the "-wide" default where the table has one)
     for dt in (torch.bfloat16, torch.float16, f32):
         large = default_config("fwd", "large" + bits(dt), arch=arch)
-        for cfg in (configs("fwd", dt) if dt != torch.float16 else [large]):
-            variants = ("full-r16", "plain") + (("full-r32",) if cfg == large and dt != f32 else ())
+        wide = default_config("fwd", "large" + bits(dt), rank=32, arch=arch)
+        cfgs = configs("fwd", dt) if dt != torch.float16 else [large]
+        for cfg in list(dict.fromkeys(cfgs + ([wide] if dt != f32 else []))):
+            variants = (("full-r16", "plain") if cfg in cfgs else ()) + (
+                ("full-r32",) if cfg == wide and dt != f32 else ())
             for variant in variants:
                 full = variant.startswith("full")
                 r = 32 if variant == "full-r32" else 16

@@ -313,6 +313,24 @@ def test_only_some_inputs_require_grad():
         torch.testing.assert_close(args[n].grad.double(), a64[n].grad, rtol=1e-4, atol=1e-4)
 
 
+def test_forward_and_dx_configs_follow_the_rank(monkeypatch):
+    """The launchers pass the rank to the config choice: ranks > 16 take the "-wide" tiles where
+    a table has them (sm_80's forward and dx; the compile tier compiles the r = 32 kernels with
+    those tiles, so a launcher that ignored the rank would run an unchecked, spilling config)."""
+    seen = []
+    orig = _launch.config_for
+
+    def spy(name, M, itemsize, **k):
+        seen.append((name, k.get("rank", 0)))
+        return orig(name, M, itemsize, **k)
+
+    monkeypatch.setattr(_launch, "config_for", spy)
+    a, kw = make_case(M=9, K=16, N=16, r=5, seed=3)
+    args, kws = cast(a, kw, torch.float32, requires_grad=True)
+    run(tarp_linear_triton, args, kws).sum().backward()
+    assert ("fwd", 5) in seen and ("dx", 5) in seen, seen
+
+
 def test_non_contiguous_and_batched_inputs():
     g = torch.Generator().manual_seed(10)
     x = torch.randn(3, 21, 5, generator=g).transpose(1, 2)  # [3, 5, 21] non-contiguous
