@@ -5,6 +5,9 @@
 Shapes: the small adaptation shapes of issue 4 (M in {64, 512}, K = N in {128, 256, 768},
 r in {4, 8, 16}) and one larger shape (M=2048, K=N=1024, r=16). fwd+bwd is an adaptation step:
 the base weight and bias are frozen, ``x`` and the dynamic factors U, V, G require grad.
+``test_native_epilogue`` adds the fused epilogue's flags at two shapes (gelu, relu, a per-row
+gate that requires grad, a hard skip of half the rows, a skip gate with a residual), because
+``backend="auto"`` takes native for every CPU call and a slow epilogue would make it a loss.
 
 Each benchmark first asserts the native output and every gradient against the float64 reference,
 then pytest-benchmark times the native step, and finally both providers are timed *interleaved*
@@ -66,13 +69,34 @@ def _inputs(shape, seed=0):
     )
 
 
-def _step(fn, inp, train):
-    """One call of ``fn`` (a tarp_linear), with the backward of an adaptation step when ``train``."""
+#: Epilogue flags of ``test_native_epilogue``: name -> (M, N, generator) -> tarp_linear keywords.
+EPILOGUES = {
+    "gelu": lambda M, N, g: dict(activation="gelu_tanh"),
+    "relu": lambda M, N, g: dict(activation="relu"),
+    "gelu-rowgate": lambda M, N, g: dict(activation="gelu_tanh", gate=torch.rand(M, generator=g) + 0.5),
+    "hardskip-half": lambda M, N, g: dict(gate=(torch.arange(M) % 2).float(), hard_skip=True),
+    "skip-residual": lambda M, N, g: dict(skip_gate=torch.rand(M, generator=g),
+                                          residual=torch.randn(M, N, generator=g)),
+}
+
+
+def _flags(name, shape):
+    M, _, N, _ = shape
+    return EPILOGUES[name](M, N, torch.Generator().manual_seed(1))
+
+
+def _step(fn, inp, train, flags=None):
+    """One call of ``fn`` (a tarp_linear), with the backward of an adaptation step when ``train``
+    (a gate or skip gate in ``flags`` then requires grad too, as a TAMS controller's would)."""
+    flags = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in (flags or {}).items()}
     leaves = [inp[k].requires_grad_(train) for k in ("x", "U", "V", "G")]
     x, U, V, G = leaves
+    if train:
+        leaves += [flags[k].requires_grad_(True) for k in ("gate", "skip_gate")
+                   if k in flags and not flags.get("hard_skip")]
 
     def run():
-        y = fn(x, inp["weight"], inp["bias"], U, V, G, scaling=0.5)
+        y = fn(x, inp["weight"], inp["bias"], U, V, G, scaling=0.5, **flags)
         if train:
             return y, torch.autograd.grad(y, leaves, inp["dy"])
         return y, ()
@@ -87,13 +111,15 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-def _check(shape, train):
+def _check(shape, train, flags=None):
     """Native (float32) vs the float64 reference: output and every gradient."""
     inp = _inputs(shape)
-    y, grads = _step(_native.tarp_linear_native, inp, train)()
+    y, grads = _step(_native.tarp_linear_native, inp, train, flags)()
     inp64 = {k: v.detach().double() for k, v in inp.items()}
-    y64, grads64 = _step(reference.tarp_linear, inp64, train)()
-    for name, a, b in [("out", y, y64)] + list(zip(("dx", "dU", "dV", "dG"), grads, grads64)):
+    flags64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in (flags or {}).items()}
+    y64, grads64 = _step(reference.tarp_linear, inp64, train, flags64)()
+    names = ("dx", "dU", "dV", "dG", "dgate-or-skip", "dskip_gate")
+    for name, a, b in [("out", y, y64)] + list(zip(names, grads, grads64)):
         err = _rel(a, b)
         assert err <= TOL, f"native {name} disagrees with float64 at {shape}: rel err {err:.2e} > {TOL:.0e}"
 
@@ -112,18 +138,19 @@ def interleaved_medians(fns, budget_s=0.4, max_reps=200, min_reps=5):
     return [statistics.median(t) for t in times]
 
 
-def _bench(benchmark, shape, mode):
+def _bench(benchmark, shape, mode, epilogue=None):
     train = mode == "fwd+bwd"
-    _check(shape, train)  # correctness before any timing
+    flags = _flags(epilogue, shape) if epilogue else None
+    _check(shape, train, flags)  # correctness before any timing
     M, K, N, r = shape
-    benchmark.group = f"native {mode} {_ids(shape)}"
+    benchmark.group = f"native {mode} {_ids(shape)}" + (f" {epilogue}" if epilogue else "")
     benchmark.extra_info.update(shape=dict(M=M, K=K, N=N, r=r), mode=mode, dtype="float32",
-                                threads=torch.get_num_threads())
-    native_run = _step(_native.tarp_linear_native, _inputs(shape), train)
+                                threads=torch.get_num_threads(), epilogue=epilogue or "none")
+    native_run = _step(_native.tarp_linear_native, _inputs(shape), train, flags)
     benchmark.pedantic(native_run, rounds=5 if M * K * N < 2**28 else 2, iterations=1, warmup_rounds=1)
     if getattr(benchmark, "disabled", False):
         return
-    ref_run = _step(reference.tarp_linear, _inputs(shape), train)
+    ref_run = _step(reference.tarp_linear, _inputs(shape), train, flags)
     t_nat, t_ref = interleaved_medians([native_run, ref_run])
     benchmark.extra_info.update(native_ms=round(t_nat * 1e3, 4), reference_ms=round(t_ref * 1e3, 4))
     benchmark.extra_info["speedup_vs_reference_ratio"] = round(t_ref / t_nat, 3)
@@ -139,3 +166,10 @@ def test_native_small(benchmark, shape, mode):
 @pytest.mark.parametrize("shape", LARGE, ids=_ids)
 def test_native_large(benchmark, shape, mode):
     _bench(benchmark, shape, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("epilogue", list(EPILOGUES))
+@pytest.mark.parametrize("shape", [(64, 256, 256, 8), (512, 768, 768, 8)], ids=_ids)
+def test_native_epilogue(benchmark, shape, epilogue, mode):
+    _bench(benchmark, shape, mode, epilogue)
