@@ -6,8 +6,10 @@ Shapes: the small adaptation shapes of issue 4 (M in {64, 512}, K = N in {128, 2
 r in {4, 8, 16}) and one larger shape (M=2048, K=N=1024, r=16). fwd+bwd is an adaptation step:
 the base weight and bias are frozen, ``x`` and the dynamic factors U, V, G require grad.
 ``test_native_epilogue`` adds the fused epilogue's flags at two shapes (gelu, relu, a per-row
-gate that requires grad, a hard skip of half the rows, a skip gate with a residual), because
-``backend="auto"`` takes native for every CPU call and a slow epilogue would make it a loss.
+gate that requires grad, a hard skip of half the rows, a skip gate with a residual) and
+``test_native_factors`` the multiplicative term (P, Q trained) and four tasks through
+``task_index``, because ``backend="auto"`` takes native for every CPU call and a slow path
+would make it a loss.
 
 Each benchmark first asserts the native output and every gradient against the float64 reference,
 then pytest-benchmark times the native step, and finally both providers are timed *interleaved*
@@ -56,17 +58,25 @@ def _ids(shape):
     return f"M{M}-K{K}-N{N}-r{r}"
 
 
-def _inputs(shape, seed=0):
+def _inputs(shape, seed=0, tasks=0, q=0):
+    """Inputs of one call; ``tasks`` > 0: per-task factors [T, ...] and a random ``task_index``;
+    ``q`` > 0: the multiplicative term's factors P [(T,) N, q], Q [(T,) q, K]."""
     M, K, N, r = shape
     g = torch.Generator().manual_seed(seed)
+    lead = (tasks,) if tasks else ()
 
     def rnd(*size, scale=1.0):
         return torch.randn(*size, generator=g) * scale
 
-    return dict(
-        x=rnd(M, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N, scale=0.1), U=rnd(N, r, scale=r**-0.5),
-        V=rnd(r, K, scale=K**-0.5), G=rnd(r * r, K, scale=(K * r) ** -0.5), dy=rnd(M, N),
+    inp = dict(
+        x=rnd(M, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N, scale=0.1), U=rnd(*lead, N, r, scale=r**-0.5),
+        V=rnd(*lead, r, K, scale=K**-0.5), G=rnd(*lead, r * r, K, scale=(K * r) ** -0.5), dy=rnd(M, N),
     )
+    if q:
+        inp.update(P=rnd(*lead, N, q, scale=0.3), Q=rnd(*lead, q, K, scale=0.3))
+    if tasks:
+        inp["task_index"] = torch.randint(0, tasks, (M,), generator=g)
+    return inp
 
 
 #: Epilogue flags of ``test_native_epilogue``: name -> (M, N, generator) -> tarp_linear keywords.
@@ -78,6 +88,9 @@ EPILOGUES = {
     "skip-residual": lambda M, N, g: dict(skip_gate=torch.rand(M, generator=g),
                                           residual=torch.randn(M, N, generator=g)),
 }
+#: Factor layouts of ``test_native_factors``: name -> ``_inputs`` keywords (P and Q require grad
+#: in fwd+bwd, as when the multiplicative term is trained).
+FACTORS = {"scale-q4": dict(q=4), "tasks4": dict(tasks=4), "tasks4-scale-q4": dict(tasks=4, q=4)}
 
 
 def _flags(name, shape):
@@ -89,14 +102,18 @@ def _step(fn, inp, train, flags=None):
     """One call of ``fn`` (a tarp_linear), with the backward of an adaptation step when ``train``
     (a gate or skip gate in ``flags`` then requires grad too, as a TAMS controller's would)."""
     flags = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in (flags or {}).items()}
+    if "task_index" in inp:
+        flags["task_index"] = inp["task_index"]
     leaves = [inp[k].requires_grad_(train) for k in ("x", "U", "V", "G")]
     x, U, V, G = leaves
+    P, Q = inp.get("P"), inp.get("Q")
     if train:
+        leaves += [t.requires_grad_(True) for t in (P, Q) if t is not None]
         leaves += [flags[k].requires_grad_(True) for k in ("gate", "skip_gate")
                    if k in flags and not flags.get("hard_skip")]
 
     def run():
-        y = fn(x, inp["weight"], inp["bias"], U, V, G, scaling=0.5, **flags)
+        y = fn(x, inp["weight"], inp["bias"], U, V, G, P, Q, scaling=0.5, **flags)
         if train:
             return y, torch.autograd.grad(y, leaves, inp["dy"])
         return y, ()
@@ -111,14 +128,14 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
 
 
-def _check(shape, train, flags=None):
+def _check(shape, train, flags=None, layout=None):
     """Native (float32) vs the float64 reference: output and every gradient."""
-    inp = _inputs(shape)
+    inp = _inputs(shape, **(layout or {}))
     y, grads = _step(_native.tarp_linear_native, inp, train, flags)()
-    inp64 = {k: v.detach().double() for k, v in inp.items()}
+    inp64 = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in inp.items()}
     flags64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in (flags or {}).items()}
     y64, grads64 = _step(reference.tarp_linear, inp64, train, flags64)()
-    names = ("dx", "dU", "dV", "dG", "dgate-or-skip", "dskip_gate")
+    names = ("dx", "dU", "dV", "dG") + tuple(f"d{k}" for k in ("P", "Q") if k in inp) + ("dgate", "dskip_gate")
     for name, a, b in [("out", y, y64)] + list(zip(names, grads, grads64)):
         err = _rel(a, b)
         assert err <= TOL, f"native {name} disagrees with float64 at {shape}: rel err {err:.2e} > {TOL:.0e}"
@@ -138,19 +155,21 @@ def interleaved_medians(fns, budget_s=0.4, max_reps=200, min_reps=5):
     return [statistics.median(t) for t in times]
 
 
-def _bench(benchmark, shape, mode, epilogue=None):
+def _bench(benchmark, shape, mode, epilogue=None, factors=None):
     train = mode == "fwd+bwd"
     flags = _flags(epilogue, shape) if epilogue else None
-    _check(shape, train, flags)  # correctness before any timing
+    layout = FACTORS[factors] if factors else {}
+    _check(shape, train, flags, layout)  # correctness before any timing
     M, K, N, r = shape
-    benchmark.group = f"native {mode} {_ids(shape)}" + (f" {epilogue}" if epilogue else "")
+    benchmark.group = " ".join(["native", mode, _ids(shape)] + [v for v in (epilogue, factors) if v])
     benchmark.extra_info.update(shape=dict(M=M, K=K, N=N, r=r), mode=mode, dtype="float32",
-                                threads=torch.get_num_threads(), epilogue=epilogue or "none")
-    native_run = _step(_native.tarp_linear_native, _inputs(shape), train, flags)
+                                threads=torch.get_num_threads(), epilogue=epilogue or "none",
+                                factors=factors or "one task")
+    native_run = _step(_native.tarp_linear_native, _inputs(shape, **layout), train, flags)
     benchmark.pedantic(native_run, rounds=5 if M * K * N < 2**28 else 2, iterations=1, warmup_rounds=1)
     if getattr(benchmark, "disabled", False):
         return
-    ref_run = _step(reference.tarp_linear, _inputs(shape), train, flags)
+    ref_run = _step(reference.tarp_linear, _inputs(shape, **layout), train, flags)
     t_nat, t_ref = interleaved_medians([native_run, ref_run])
     benchmark.extra_info.update(native_ms=round(t_nat * 1e3, 4), reference_ms=round(t_ref * 1e3, 4))
     benchmark.extra_info["speedup_vs_reference_ratio"] = round(t_ref / t_nat, 3)
@@ -173,3 +192,10 @@ def test_native_large(benchmark, shape, mode):
 @pytest.mark.parametrize("shape", [(64, 256, 256, 8), (512, 768, 768, 8)], ids=_ids)
 def test_native_epilogue(benchmark, shape, epilogue, mode):
     _bench(benchmark, shape, mode, epilogue)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("factors", list(FACTORS))
+@pytest.mark.parametrize("shape", [(64, 256, 256, 8), (512, 768, 768, 8)], ids=_ids)
+def test_native_factors(benchmark, shape, factors, mode):
+    _bench(benchmark, shape, mode, factors=factors)

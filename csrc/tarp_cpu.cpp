@@ -685,20 +685,16 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
       if (need(kNeedQ)) dQ = at::zeros_like(Q);
       Tensor D = at::empty({N, K}, opts);
       Tensor dA = need_a ? at::empty({N, K}, opts) : Tensor();
-      const scalar_t* wp = weight.data_ptr<scalar_t>();
       for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
         at::mm_out(D, dpre_s.narrow(0, o, n).t(), xs.narrow(0, o, n));
-        const scalar_t* sp = task_slice(scale, multi, t).data_ptr<scalar_t>();
-        const scalar_t* dp = D.data_ptr<scalar_t>();
-        scalar_t* dwp = need(kNeedWeight) ? dW.data_ptr<scalar_t>() : nullptr;
-        scalar_t* dap = need_a ? dA.data_ptr<scalar_t>() : nullptr;
-        // dW0 += Φ1 ⊙ D;  dA = (W0 ⊙ D) ⊙ softplus'(A), softplus'(A) = sigmoid(A) = -expm1(-softplus(A)).
-        at::parallel_for(0, N * K, 16384, [&](int64_t b, int64_t e) {
-          for (int64_t j = b; j < e; ++j) {
-            if (dwp) dwp[j] += sp[j] * dp[j];
-            if (dap) dap[j] = wp[j] * dp[j] * -std::expm1(-sp[j]);
-          }
-        });
+        const Tensor sc = task_slice(scale, multi, t);  // Φ1 = softplus(A)
+        // ATen's vectorized elementwise kernels: a scalar expm1 per weight element made the
+        // backward 0.8-0.9x of the reference's at M = 64..512, K = N = 256..768
+        if (need(kNeedWeight)) dW.addcmul_(sc, D);  // dW0 += Φ1 ⊙ D
+        if (need_a) {  // dA = (W0 ⊙ D) ⊙ softplus'(A), softplus'(A) = sigmoid(A) = -expm1(-Φ1)
+          at::mul_out(dA, weight, D);
+          dA.mul_(at::expm1(sc.neg()).neg_());
+        }
         if (need(kNeedP)) {  // dP_t = dA Q_tᵀ
           Tensor dst = task_slice(dP, multi, t);
           at::mm_out(dst, dA, task_slice(Q, multi, t).t());
