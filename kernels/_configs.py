@@ -12,8 +12,8 @@ re-tune forever.
 
 Every config is spill-free with the ptxas of both Triton versions the project meets: 3.9 (CI's
 pin, ptxas 12.9) and 3.6 (the README's minimum and the GPU machines' version, ptxas 12.8, whose
-register allocator spilled 13 of the earlier configs: ``python -m tarp_fast.kernels.compile_check``
-under each). The defaults are reasoned, not yet measured (no GPU was available when they were written):
+register allocator spilled 13 of the earlier configs; ``make test`` runs the compile tier under
+each, the second through ``make test-compat``). The defaults are reasoned, not yet measured (no GPU was available when they were written):
 16-bit large-M forward tiles of 128x128x64 with 8 warps and 3 stages are the classic Hopper /
 Ampere GEMM tile (96 KiB of shared memory for the operand ring, fits sm_80's 164 KiB);
 fp32 halves BK to keep the same shared memory. Small M (decode-like, <= 64 rows) uses 64-row
