@@ -12,7 +12,8 @@
 //   z = S h   per row, in a parallel row loop (r*r multiply-adds per row)
 //   delta     pre += scaling · z U_tᵀ, accumulated in place into the base output (addmm_)
 //   epilogue  out[m] = gate · act(pre) + skip_gate · x[m] + residual[m], one row loop that also
-//             scatters the compact rows back to their place
+//             scatters the compact rows back to their place (gelu itself through ATen's
+//             vectorized kernel on the block of computed rows)
 //
 // Backward (per row, DESIGN §2): dpre = gate · act'(pre) ⊙ dy, e = scaling · U_tᵀ dpre,
 // dS = e hᵀ, dh = Sᵀ e, dx = W_tᵀ dpre + V_tᵀ dh + G_tᵀ vec(dS) + skip_gate · dy; the sums over
@@ -282,11 +283,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& x, const Tenso
   Tensor pre_s = at::empty({Mk, N}, opts);
   if (!multi || !P.defined()) {
     if (bias.defined()) {
-      // bias rows written by a plain serial loop, then the GEMM accumulates onto them (beta = 1):
-      // 1-4% faster end to end than addmm's own broadcast copy, a parallel TensorIterator pass
+      // bias rows written by a plain row loop, then the GEMM accumulates onto them (beta = 1):
+      // 1-4% faster end to end than addmm's own broadcast copy at the adaptation shapes; threads
+      // only from 64K elements per chunk (a memory-bound copy)
       const scalar_t* bp = bias.data_ptr<scalar_t>();
       scalar_t* pp = pre_s.data_ptr<scalar_t>();
-      for (int64_t i = 0; i < Mk; ++i) std::copy(bp, bp + N, pp + i * N);
+      at::parallel_for(0, Mk, std::max<int64_t>(1, 65536 / std::max<int64_t>(N, 1)), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) std::copy(bp, bp + N, pp + i * N);
+      });
       at::addmm_out(pre_s, pre_s, xs, weff.t());
     } else
       at::mm_out(pre_s, xs, weff.t());
@@ -308,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& x, const Tenso
   if (U.defined()) {
     // [h | vec S] = xs [V_t; G_t]ᵀ as two GEMMs writing the two column blocks of proj in place
     // (BLAS takes the row stride R). Stacking [V; G] for one GEMM needs a copy of G on every call
-    // and the two-GEMM form measured as fast or faster end to end (README, "Native backend").
+    // and the two-GEMM form measured as fast or faster end to end (README, "The native extension").
     proj_s = at::empty({Mk, R}, opts);
     for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
       Tensor dst = proj_s.narrow(0, o, n);
