@@ -143,7 +143,13 @@ def main(argv=None, *, device=None, timer=None) -> int:
     ap.add_argument("--M", type=int, default=8192)
     ap.add_argument("--K", type=int, default=4096)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    ap.add_argument("--autotune", action="store_true",
+                    help="time every candidate config once per shape key and use the fastest "
+                         "(TARP_FAST_AUTOTUNE=1); default: the deterministic default configs")
     args = ap.parse_args(argv)
+    if args.autotune:
+        os.environ["TARP_FAST_AUTOTUNE"] = "1"  # read at every launch by kernels._configs
+    from tarp_fast.kernels._configs import autotune_enabled
     if device is None and not torch.cuda.is_available():
         print("gpu_report: no CUDA GPU found; this report times the Triton kernels on a GPU and cannot "
               "run here. Run it on a machine with an NVIDIA GPU (see README, GPU install).", file=sys.stderr)
@@ -227,15 +233,17 @@ def main(argv=None, *, device=None, timer=None) -> int:
                 capability=".".join(map(str, torch.cuda.get_device_capability(dev))) if on_gpu else "none",
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), M=M, K=K, N=N, dtype=args.dtype,
-                timer="triton.testing.do_bench median (ms)" if timer is None else "caller's timer (ms)")
+                timer="triton.testing.do_bench median (ms)" if timer is None else "caller's timer (ms)",
+                configs="autotuned (TARP_FAST_AUTOTUNE=1)" if autotune_enabled() else "deterministic defaults")
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = os.path.join(args.out, f"gpu_report_{stamp}")
+    base = os.path.join(args.out, f"gpu_report_{stamp}" + ("_autotuned" if autotune_enabled() else ""))
     with open(base + ".json", "w") as fh:
         json.dump(dict(meta=meta, rows=rows, goals=goals), fh, indent=2)
     md = [f"# tarp-fast Triton GPU report ({meta['date']})", "",
           f"Device: {meta['device']} (sm_{meta['capability'].replace('.', '')}), torch {meta['torch']}, "
-          f"Triton {meta['triton']}, CUDA {meta['cuda']}. {args.dtype}, M={M}, K=N={K}; {meta['timer']}.", "",
+          f"Triton {meta['triton']}, CUDA {meta['cuda']}. {args.dtype}, M={M}, K=N={K}; {meta['timer']}; "
+          f"kernel configs: {meta['configs']}.", "",
           "| section | r | mode | provider | ms | ratio |", "|---|---|---|---|---|---|"]
     for row in rows:
         ratio = row.get("ratio_to_F_linear") or row.get("ratio_to_unskipped") or row.get("ratio_to_one_task")

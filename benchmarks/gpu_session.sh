@@ -3,6 +3,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_session.sh test     # build the extension (CUDA), GPU test tier
 #   OUT=/some/dir bash benchmarks/gpu_session.sh report   # GPU report + the benchmarks on CUDA
+#   OUT=/some/dir bash benchmarks/gpu_session.sh tuned    # the GPU report with autotuned configs
 #
 # Uses the machine's own torch/Triton (python3, or $PYTHON) and installs nothing else
 # (pip --no-deps --no-build-isolation), so it works offline. Results, logs and the versions go
@@ -44,8 +45,13 @@ case "$stage" in
       --benchmark-json "$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
     record "benchmarks exit $? ($(tail -n 1 "$OUT/benchmarks.log"))"
     ;;
+  tuned)
+    environment
+    "$PY" benchmarks/gpu_report.py --autotune --out "$OUT" > "$OUT/gpu_report_autotuned.log" 2>&1
+    record "gpu_report --autotune exit $?"
+    ;;
   *)
-    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh test|report" >&2
+    echo "usage: OUT=DIR bash benchmarks/gpu_session.sh test|report|tuned" >&2
     exit 2
     ;;
 esac

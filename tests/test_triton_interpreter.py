@@ -480,7 +480,7 @@ def test_tarplinear_compiles_fullgraph_through_the_triton_backend():
 # ----------------------------------------------------------------------------------------------
 # the GPU report script, end to end on tiny shapes (its logic, not its figures)
 # ----------------------------------------------------------------------------------------------
-def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path):
+def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path, monkeypatch):
     """``benchmarks/gpu_report.py`` with CPU tensors and a wall-clock timer: every section runs,
     every provider is checked against float64, and the JSON/Markdown files are written."""
     import importlib.util
@@ -513,6 +513,7 @@ def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path):
     (js,) = tmp_path.glob("gpu_report_*.json")
     data = json.loads(js.read_text())
     assert data["meta"]["device"].startswith("cpu") and data["meta"]["dtype"] == "float32"
+    assert data["meta"]["configs"] == "deterministic defaults"
     sections = {row["section"] for row in data["rows"]}
     assert sections == {"providers", "hard_skip", "tasks"}
     providers = {row["provider"] for row in data["rows"] if row["section"] == "providers"}
@@ -520,3 +521,10 @@ def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path):
     assert all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in data["rows"])
     assert any("8 tasks" in g["goal"] for g in data["goals"]) and all("met" in g for g in data["goals"])
     assert (tmp_path / js.name.replace(".json", ".md")).read_text().startswith("# tarp-fast Triton GPU report")
+    # --autotune: the env switch the launchers read, said in the report and its file name
+    monkeypatch.setenv("TARP_FAST_AUTOTUNE", "0")  # restored (unset) after the test
+    rc = report.main(["--quick", "--autotune", "--M", "16", "--K", "16", "--dtype", "float32", "--out",
+                      str(tmp_path / "tuned")], device="cpu", timer=timer)
+    assert rc == 0 and os.environ.get("TARP_FAST_AUTOTUNE") == "1"
+    (js,) = (tmp_path / "tuned").glob("gpu_report_*_autotuned.json")
+    assert json.loads(js.read_text())["meta"]["configs"].startswith("autotuned")
