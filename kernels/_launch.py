@@ -22,7 +22,7 @@ import triton
 
 from . import _kernels as K
 from ._configs import KernelConfig, config_for, device_arch
-from ._schedule import row_groups, tile_table
+from ._schedule import row_groups, row_groups_cuda, tile_table, use_cuda_helpers
 
 __all__ = ["Launch", "tarp_fwd", "tarp_bwd", "scale_weight_fwd", "scale_weight_bwd", "poison_outputs"]
 
@@ -121,8 +121,11 @@ def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows
         seg_off = torch.zeros(T + 2, dtype=torch.int32, device=device)
         seg_off[1:] = M
         return Rows(M, T, False, torch.empty(0, dtype=torch.int32, device=device), seg_off)
-    drop = (gate == 0) if (hard_skip and gate is not None) else None
-    perm, seg_off = row_groups(M, T, task_index, drop, device)
+    drop_gate = gate if (hard_skip and gate is not None) else None
+    if use_cuda_helpers(device):
+        perm, seg_off = row_groups_cuda(M, T, task_index, drop_gate)
+    else:
+        perm, seg_off = row_groups(M, T, task_index, None if drop_gate is None else drop_gate == 0, device)
     return Rows(M, T, True, perm, seg_off)
 
 

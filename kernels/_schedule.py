@@ -12,15 +12,44 @@ Everything is built from device-side torch ops with sizes known on the host (``M
 height), so there is no host synchronization and the schedule can be captured in a CUDA graph.
 The number of row tiles launched is the bound ``cdiv(M, BM) + T`` (``T + 1`` segments each add at
 most one partial tile); surplus programs find an empty tile and exit.
+
+Two implementations of ``(perm, seg_off)``: :func:`row_groups` (torch's sort and searchsorted, any
+device) and :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
+``tarp_fast::compact_rows``: one stable counting sort, three small kernels, for CUDA builds of
+``tarp_fast._C``). :func:`use_cuda_helpers` picks the second only with ``TARP_FAST_CUDA_HELPERS=1``:
+the helpers compile with nvcc in ``make test`` but have not yet run on a GPU in this project (no GPU
+was lent so far); the GPU tier checks both against each other (``tests/test_cuda_helpers.py``), and
+the default flips once it has passed on a GPU.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-__all__ = ["row_groups", "tile_table", "max_row_tiles"]
+__all__ = ["row_groups", "row_groups_cuda", "use_cuda_helpers", "tile_table", "max_row_tiles"]
+
+_helpers_built: Optional[bool] = None
+
+
+def cuda_helpers_built() -> bool:
+    """Whether ``torch.ops.tarp_fast`` has the CUDA helpers (the extension built with CUDA)."""
+    global _helpers_built
+    if _helpers_built is None:
+        from .._ext import load_extension
+
+        mod, _ = load_extension()
+        _helpers_built = mod is not None and hasattr(torch.ops.tarp_fast, "group_by_task")
+    return _helpers_built
+
+
+def use_cuda_helpers(device) -> bool:
+    """Whether the row schedule of a call on ``device`` comes from :func:`row_groups_cuda`."""
+    if os.environ.get("TARP_FAST_CUDA_HELPERS", "0") in ("", "0"):
+        return False
+    return torch.device(device).type == "cuda" and cuda_helpers_built()
 
 
 def row_groups(
@@ -41,6 +70,27 @@ def row_groups(
     sorted_key, perm = torch.sort(key, stable=True)
     bounds = torch.arange(T + 2, dtype=torch.int64, device=device)
     seg_off = torch.searchsorted(sorted_key, bounds)
+    return perm.to(torch.int32), seg_off.to(torch.int32)
+
+
+def row_groups_cuda(
+    M: int, T: int, task_index: Optional[torch.Tensor], gate: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_groups` through the extension's CUDA helpers (same outputs).
+
+    ``gate`` ``[M]``: the row gate under ``hard_skip`` (rows with ``gate == 0`` are dropped), else
+    None. Without ``task_index`` a gate is required (an ungrouped call needs no schedule):
+    ``compact_rows`` gives the kept rows then the dropped ones and the kept count, so
+    ``seg_off = [0, kept, M]``. Task indices outside ``[0, T)`` go to the dropped segment.
+    """
+    ops = torch.ops.tarp_fast
+    if task_index is None:
+        if gate is None:
+            raise ValueError("row_groups_cuda: needs task_index or a gate (nothing to group otherwise)")
+        perm, kept = ops.compact_rows(gate)
+        seg_off = torch.cat([kept.new_zeros(1), kept, kept.new_full((1,), M)])
+    else:
+        perm, _, seg_off = ops.group_by_task(task_index, T, gate)
     return perm.to(torch.int32), seg_off.to(torch.int32)
 
 
