@@ -36,6 +36,11 @@ case "$stage" in
     record "ext_info written"
     "$PY" -m pytest tests -m "gpu or native" -q -p no:cacheprovider -rs > "$OUT/pytest_gpu.log" 2>&1
     record "GPU + native test tier exit $? ($(tail -n 1 "$OUT/pytest_gpu.log"))"
+    # the Triton GPU tier again with the row schedule from the extension's CUDA helpers (opt-in
+    # until this has passed on a GPU: README, "The native extension")
+    TARP_FAST_CUDA_HELPERS=1 "$PY" -m pytest tests/test_triton_gpu.py -q -p no:cacheprovider -rs \
+      > "$OUT/pytest_gpu_cuda_helpers.log" 2>&1
+    record "GPU tier with TARP_FAST_CUDA_HELPERS=1 exit $? ($(tail -n 1 "$OUT/pytest_gpu_cuda_helpers.log"))"
     ;;
   report)
     environment
