@@ -260,11 +260,12 @@ def preferred_for(spec: TarpSpec) -> bool:
     with ``TARP_BENCH_THREADS=1``; float32, frozen base, torch 2.13 CPU, 2-core x86-64 with
     AVX-512, native and reference timed interleaved in one run): native was at least as fast as
     the reference in every one of the 38 (shape, mode) cells, with 1 and 2 threads: fwd+bwd
-    1.06-1.47x (M in {64, 512}, K = N in {128, 256, 768}, r in {4, 8, 16}) and 1.01-1.07x at
+    1.06-1.49x (M in {64, 512}, K = N in {128, 256, 768}, r in {4, 8, 16}) and 1.01-1.12x at
     M=2048, K=N=1024, r=16; fwd 1.03-1.19x. With the epilogue's flags (``test_native_epilogue``:
     gelu, relu, gelu with a per-row gate that requires grad, hard skip of half the rows, skip gate
-    with residual; M=64, K=N=256 and M=512, K=N=768, r=8): 1.05-1.50x; with the multiplicative
-    term trained and with four tasks (``test_native_factors``): 1.05-2.7x. Both run the same MKL GEMMs
+    with residual; M=64, K=N=256 and M=512, K=N=768, r=8): 1.05-1.49x, except relu fwd+bwd at
+    M=512, K=N=768, even (0.995-1.01x over runs); with the multiplicative term trained and with
+    four tasks (``test_native_factors``): 1.04-3.1x. Both run the same MKL GEMMs
     (the op is GEMM-bound on CPU); native saves the per-op dispatch, the autograd bookkeeping and
     the intermediates, so it never loses (it did, 0.45-0.70x with gelu and 0.82-0.94x with P, Q
     trained, while those elementwise terms were scalar tanh / expm1 loops: they now run through
