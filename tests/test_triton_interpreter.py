@@ -313,6 +313,72 @@ def test_only_some_inputs_require_grad():
         torch.testing.assert_close(args[n].grad.double(), a64[n].grad, rtol=1e-4, atol=1e-4)
 
 
+_EMULATED_HELPERS = """
+import torch
+# The CUDA helpers' documented semantics as CPU ops (a CPU build of tarp_fast._C defines none).
+lib = torch.library.Library("tarp_fast", "FRAGMENT")
+lib.define("compact_rows(Tensor gate) -> (Tensor rows, Tensor count)")
+lib.define("group_by_task(Tensor task_index, int num_tasks, Tensor? gate) -> (Tensor perm, Tensor counts, Tensor offsets)")
+
+def stable_sort(keys, nb):
+    counts = torch.bincount(keys, minlength=nb)
+    return torch.sort(keys, stable=True).indices, counts, torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+def compact_rows(gate):
+    perm, counts, _ = stable_sort((gate.float() == 0).long(), 2)
+    return perm, counts[:1].clone()
+
+def group_by_task(task, T, gate):
+    keys = task.clone()
+    keys[(keys < 0) | (keys >= T)] = T
+    if gate is not None:
+        keys[gate.float() == 0] = T
+    return stable_sort(keys, T + 1)
+
+lib.impl("compact_rows", compact_rows, "CPU")
+lib.impl("group_by_task", group_by_task, "CPU")
+
+from tarp_fast.kernels import _launch, _schedule, tarp_linear_triton
+for T, task_rows, gated in ((5, True, False), (5, True, True), (1, False, True)):
+    for M in (0, 1, 50, 1100):
+        task = torch.randint(0, T, (M,)) if task_rows else None
+        gate = (torch.rand(M) + 0.1).index_fill(0, torch.arange(0, M, 3), 0.0) if gated else None
+        pc, oc = _schedule.row_groups_cuda(M, T, task, gate)
+        pt, ot = _schedule.row_groups(M, T, task, None if gate is None else gate == 0, "cpu")
+        assert pc.dtype == torch.int32 and torch.equal(pc, pt) and torch.equal(oc, ot), (T, M)
+
+g = torch.Generator().manual_seed(0)
+M, K, N, r, T = 45, 32, 32, 4, 3
+args = [torch.randn(*s, generator=g) * 0.3 for s in ((M, K), (N, K), (N,), (T, N, r), (T, r, K), (T, r * r, K))]
+gate = torch.rand(M, generator=g) + 0.1
+gate[::4] = 0
+kw = dict(task_index=torch.randint(0, T, (M,), generator=g), gate=gate, hard_skip=True,
+          activation="gelu_tanh", scaling=0.5)
+outs = []
+for helpers in (False, True):
+    _launch.use_cuda_helpers = lambda device, on=helpers: on
+    leaves = [a.clone().requires_grad_() for a in args]
+    y = tarp_linear_triton(*leaves, **kw)
+    y.square().sum().backward()
+    outs.append([y.detach()] + [t.grad for t in leaves])
+assert all(torch.equal(a, b) for a, b in zip(*outs))
+print("ok")
+"""
+
+
+def test_schedule_glue_of_the_cuda_helpers_on_emulated_ops():
+    """The Triton path's schedule through the CUDA helpers (``TARP_FAST_CUDA_HELPERS=1``), with the
+    helpers emulated by CPU ops of their documented semantics: the glue (offsets, dtypes, the
+    no-task case) gives the torch schedule exactly, and a whole call is bitwise equal. In a
+    subprocess: the emulated ops must not leak into this process's ``torch.ops.tarp_fast``."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _EMULATED_HELPERS], capture_output=True, text=True,
+                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
 def test_forward_and_dx_configs_follow_the_rank(monkeypatch):
     """The launchers pass the rank to the config choice: ranks > 16 take the "-wide" tiles where
     a table has them (sm_80's forward and dx; the compile tier compiles the r = 32 kernels with
