@@ -182,6 +182,27 @@ def _tarp_backward(ctx, dy, _dproj, _dz, _dperm, _dseg):
 triton_tarp_fwd.register_autograd(_tarp_backward, setup_context=_tarp_setup)
 
 
+class _TaskGateRows(torch.autograd.Function):
+    """``g[task_index]`` (a per-task gate read per row) whose backward sums the row gradients per
+    task with the extension's CUDA helpers: ``group_by_task`` then ``segmented_sum``, a fixed-order
+    reduction without atomics. Used with ``TARP_FAST_CUDA_HELPERS=1`` (see :mod:`._schedule`);
+    otherwise the gather is plain indexing, whose backward is torch's ``index_put_``."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, task_index: Tensor) -> Tensor:
+        ctx.save_for_backward(task_index)
+        ctx.num_tasks = g.shape[0]
+        return g[task_index]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (task_index,) = ctx.saved_tensors
+        T = ctx.num_tasks
+        perm, _, offsets = torch.ops.tarp_fast.group_by_task(task_index, T, None)
+        dg = torch.ops.tarp_fast.segmented_sum(grad.float().unsqueeze(1), perm, offsets[: T + 1])
+        return dg.squeeze(1).to(grad.dtype), None
+
+
 def _row_gate(g, kind: str, task_index, M: int, x: Tensor) -> Optional[Tensor]:
     """A gate argument as a contiguous ``[M]`` fp32 tensor (differentiable torch ops), or None."""
     if kind == "none":
@@ -190,7 +211,7 @@ def _row_gate(g, kind: str, task_index, M: int, x: Tensor) -> Optional[Tensor]:
         return torch.full((M,), float(g), dtype=torch.float32, device=x.device)
     g = g.to(torch.float32)
     if kind == "task":
-        g = g[task_index]
+        g = _TaskGateRows.apply(g, task_index) if _launch.use_cuda_helpers(x.device) else g[task_index]
     elif g.dim() == 0:
         g = g.expand(M)
     return g.contiguous()

@@ -16,7 +16,8 @@ most one partial tile); surplus programs find an empty tile and exit.
 Two implementations of ``(perm, seg_off)``: :func:`row_groups` (torch's sort and searchsorted, any
 device) and :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
 ``tarp_fast::compact_rows``: one stable counting sort, three small kernels, for CUDA builds of
-``tarp_fast._C``). :func:`use_cuda_helpers` picks the second only with ``TARP_FAST_CUDA_HELPERS=1``:
+``tarp_fast._C``). :func:`use_cuda_helpers` picks the second only with ``TARP_FAST_CUDA_HELPERS=1``
+(which also sums a per-task gate's gradient with ``tarp_fast::segmented_sum``, ``_ops.py``):
 the helpers compile with nvcc in ``make test`` but have not yet run on a GPU in this project (no GPU
 was lent so far); the GPU tier checks both against each other (``tests/test_cuda_helpers.py``), and
 the default flips once it has passed on a GPU.
@@ -38,18 +39,33 @@ def cuda_helpers_built() -> bool:
     """Whether ``torch.ops.tarp_fast`` has the CUDA helpers (the extension built with CUDA)."""
     global _helpers_built
     if _helpers_built is None:
-        from .._ext import load_extension
+        from .. import _native
 
-        mod, _ = load_extension()
-        _helpers_built = mod is not None and hasattr(torch.ops.tarp_fast, "group_by_task")
+        # loads the extension and registers the helpers' fake kernels (torch.compile traces the
+        # per-task gate's backward, which calls them)
+        _helpers_built = _native.unavailable_reason() is None and hasattr(torch.ops.tarp_fast, "group_by_task")
     return _helpers_built
 
 
+def _flag_on() -> bool:
+    return os.environ.get("TARP_FAST_CUDA_HELPERS", "0") not in ("", "0")
+
+
 def use_cuda_helpers(device) -> bool:
-    """Whether the row schedule of a call on ``device`` comes from :func:`row_groups_cuda`."""
-    if os.environ.get("TARP_FAST_CUDA_HELPERS", "0") in ("", "0"):
+    """Whether the row schedule of a call on ``device`` comes from :func:`row_groups_cuda`.
+
+    While torch.compile traces (the per-task gate's gather is traced), the extension is not
+    loaded: an unresolved availability counts as False there (both paths compute the same sums).
+    """
+    if not _flag_on() or torch.device(device).type != "cuda":
         return False
-    return torch.device(device).type == "cuda" and cuda_helpers_built()
+    if _helpers_built is None and torch.compiler.is_compiling():
+        return False
+    return cuda_helpers_built()
+
+
+if _flag_on():  # resolve now, outside any trace
+    cuda_helpers_built()
 
 
 def row_groups(

@@ -250,3 +250,25 @@ def test_triton_call_with_the_helpers_equals_without(dev, monkeypatch):
         results.append([y.detach()] + [t.grad for t in leaves.values()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_per_task_gate_gradient_through_segmented_sum(dev, monkeypatch):
+    """With the helpers on, a per-task gate's gradient is summed per task by ``segmented_sum``:
+    equal to torch's indexing backward up to summation order, and bitwise the same every run."""
+    pytest.importorskip("triton")
+    from tarp_fast.kernels import tarp_linear_triton
+
+    g = torch.Generator().manual_seed(6)
+    M, K, N, r, T = 3001, 64, 64, 4, 4
+    rn = lambda *s: (torch.randn(*s, generator=g) * 0.3).to(dev)  # noqa: E731
+    x, w, U, V, G = rn(M, K), rn(N, K), rn(T, N, r), rn(T, r, K), rn(T, r * r, K)
+    task = torch.randint(0, T, (M,), generator=g).to(dev)
+    grads = {}
+    for flag in ("0", "1", "1"):
+        monkeypatch.setenv("TARP_FAST_CUDA_HELPERS", flag)
+        gate = torch.linspace(0.5, 1.5, T, device=dev).requires_grad_()
+        y = tarp_linear_triton(x, w, None, U, V, G, task_index=task, gate=gate, scaling=0.5)
+        y.square().sum().backward()
+        grads.setdefault(flag, []).append(gate.grad)
+    torch.testing.assert_close(grads["1"][0], grads["0"][0], rtol=1e-5, atol=1e-3)
+    assert torch.equal(grads["1"][0], grads["1"][1])

@@ -335,8 +335,15 @@ def group_by_task(task, T, gate):
         keys[gate.float() == 0] = T
     return stable_sort(keys, T + 1)
 
+lib.define("segmented_sum(Tensor values, Tensor? perm, Tensor offsets) -> Tensor")
+
+def segmented_sum(values, perm, offsets):
+    rows = values if perm is None else values[perm]
+    return torch.stack([rows[offsets[s]:offsets[s + 1]].sum(0) for s in range(offsets.numel() - 1)])
+
 lib.impl("compact_rows", compact_rows, "CPU")
 lib.impl("group_by_task", group_by_task, "CPU")
+lib.impl("segmented_sum", segmented_sum, "CPU")
 
 from tarp_fast.kernels import _launch, _schedule, tarp_linear_triton
 for T, task_rows, gated in ((5, True, False), (5, True, True), (1, False, True)):
@@ -352,25 +359,34 @@ M, K, N, r, T = 45, 32, 32, 4, 3
 args = [torch.randn(*s, generator=g) * 0.3 for s in ((M, K), (N, K), (N,), (T, N, r), (T, r, K), (T, r * r, K))]
 gate = torch.rand(M, generator=g) + 0.1
 gate[::4] = 0
-kw = dict(task_index=torch.randint(0, T, (M,), generator=g), gate=gate, hard_skip=True,
-          activation="gelu_tanh", scaling=0.5)
+kw = dict(task_index=torch.randint(0, T, (M,), generator=g), activation="gelu_tanh", scaling=0.5)
+task_gate = torch.rand(T, generator=g) + 0.5  # a per-task gate: its gradient is a per-task sum
 outs = []
 for helpers in (False, True):
     _launch.use_cuda_helpers = lambda device, on=helpers: on
-    leaves = [a.clone().requires_grad_() for a in args]
-    y = tarp_linear_triton(*leaves, **kw)
-    y.square().sum().backward()
-    outs.append([y.detach()] + [t.grad for t in leaves])
-assert all(torch.equal(a, b) for a, b in zip(*outs))
+    for gate_kw in (dict(gate=gate, hard_skip=True), dict(gate=task_gate.clone().requires_grad_())):
+        leaves = [a.clone().requires_grad_() for a in args]
+        y = tarp_linear_triton(*leaves, **dict(kw, **gate_kw))
+        y.square().sum().backward()
+        outs.append([y.detach()] + [t.grad for t in leaves])
+        if gate_kw["gate"].requires_grad:
+            outs[-1].append(gate_kw["gate"].grad)
+for a, b in zip(outs[:2], outs[2:]):  # without / with the helpers, for each gate
+    assert all(torch.equal(u, v) for u, v in zip(a[:7], b[:7]))
+    assert all(torch.allclose(u, v, rtol=1e-5, atol=1e-6) for u, v in zip(a[7:], b[7:]))
+    assert len(a) == len(b)
+assert outs[1][7].abs().sum() > 0  # the per-task gate did get a gradient
 print("ok")
 """
 
 
 def test_schedule_glue_of_the_cuda_helpers_on_emulated_ops():
-    """The Triton path's schedule through the CUDA helpers (``TARP_FAST_CUDA_HELPERS=1``), with the
-    helpers emulated by CPU ops of their documented semantics: the glue (offsets, dtypes, the
-    no-task case) gives the torch schedule exactly, and a whole call is bitwise equal. In a
-    subprocess: the emulated ops must not leak into this process's ``torch.ops.tarp_fast``."""
+    """The Triton path through the CUDA helpers (``TARP_FAST_CUDA_HELPERS=1``), with the helpers
+    emulated by CPU ops of their documented semantics: the schedule glue (offsets, dtypes, the
+    no-task case) gives the torch schedule exactly, a whole call with hard skip is bitwise equal,
+    and a per-task gate's gradient (summed by ``segmented_sum``) matches torch's indexing
+    backward. In a subprocess: the emulated ops must not leak into this process's
+    ``torch.ops.tarp_fast``."""
     import subprocess
     import sys
 
