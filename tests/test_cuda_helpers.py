@@ -270,5 +270,5 @@ def test_per_task_gate_gradient_through_segmented_sum(dev, monkeypatch):
         y = tarp_linear_triton(x, w, None, U, V, G, task_index=task, gate=gate, scaling=0.5)
         y.square().sum().backward()
         grads.setdefault(flag, []).append(gate.grad)
-    torch.testing.assert_close(grads["1"][0], grads["0"][0], rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grads["1"][0], grads["0"][0], rtol=1e-4, atol=1e-3)  # summation order
     assert torch.equal(grads["1"][0], grads["1"][1])
