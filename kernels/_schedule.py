@@ -52,7 +52,8 @@ def _flag_on() -> bool:
 
 
 def use_cuda_helpers(device) -> bool:
-    """Whether the row schedule of a call on ``device`` comes from :func:`row_groups_cuda`.
+    """Whether a Triton call on ``device`` uses the CUDA helpers: its row schedule from
+    :func:`row_groups_cuda` and a per-task gate's gradient from ``segmented_sum``.
 
     While torch.compile traces (the per-task gate's gather is traced), the extension is not
     loaded: an unresolved availability counts as False there (both paths compute the same sums).
