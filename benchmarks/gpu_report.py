@@ -8,7 +8,9 @@ M = 8192, K = N = 4096, r in {4, 16, 32}:
   composition ``tarp_fast.reference.tarp_linear`` in bf16) and ``peft_lora`` (PEFT's LoRA layer
   at the same rank: a cheaper op, the bar the issue sets for fwd+bwd);
 * ``hard_skip`` keeping a fraction f of the rows (forward), against the unskipped time;
-* 8 tasks in one batch through ``task_index`` against one task with the same rows.
+* 8 tasks in one batch through ``task_index`` against one task with the same rows;
+* the row schedule alone (sort + tile table), Triton kernels vs torch ops, as a fraction of the
+  unskipped forward (what grouping costs before any matmul).
 
 Every provider's output is checked against float64 before it is timed (kernel error <= 2x the
 eager bf16 error + a floor). Results go to ``benchmarks/results/gpu_report_<date>.json`` and
@@ -227,6 +229,22 @@ def main(argv=None, *, device=None, timer=None) -> int:
     rows.append(dict(section="tasks", r=r, mode="fwd", provider="triton", tasks=8, ms=eight, ratio_to_one_task=eight / one))
     goals.append(dict(goal="8 tasks / 1 task (same rows) <= 1.15", value=round(eight / one, 3), target=1.15,
                       met=eight / one <= 1.15))
+
+    # the row schedule alone (sort + tile table of one tile height), as a fraction of the
+    # unskipped forward: the Triton kernels (default) against the torch-ops version
+    from tarp_fast.kernels import _schedule as S
+
+    drop_gate = (torch.rand(M, device=dev, generator=torch.Generator(device=dev).manual_seed(3)) < 0.5).float()
+    builders = {
+        "triton": lambda task, g: S.tile_table_triton(S.row_groups_triton(M, 8, task, g)[1], M, 8, 128),
+        "torch": lambda task, g: S.tile_table(S.row_groups(M, 8, task, None if g is None else g == 0, dev)[1],
+                                              M, 8, 128),
+    }
+    for label, task, g in (("8 tasks", ti, None), ("8 tasks + hard skip", ti, drop_gate)):
+        for prov, build in builders.items():
+            ms = bench(lambda build=build, task=task, g=g: build(task, g))
+            rows.append(dict(section=f"schedule ({label})", r=r, mode="fwd", provider=prov, ms=ms,
+                             ratio_to_unskipped=ms / full))
 
     on_gpu = dev.type == "cuda"
     meta = dict(device=torch.cuda.get_device_name(dev) if on_gpu else f"{dev.type} (smoke run, not a measurement)",

@@ -8,9 +8,10 @@ semantics (DESIGN.md §2), computed by fused Triton kernels registered as ``torc
 interpreter (``TRITON_INTERPRET=1`` set before Python starts). ``tarp_fast.ops`` imports this
 package lazily, only when the ``triton`` backend is asked for.
 
-Task indices are not range-checked on CUDA (that needs a host sync); rows with an index
-outside ``[0, T)`` are then left uncomputed (their output is unspecified). On CPU (the
-interpreter) the check is free and is done.
+Task indices are not range-checked on CUDA (that needs a host sync); a row with an index
+outside ``[0, T)`` is treated like a row that ``hard_skip`` drops (no base product, no delta:
+its output is ``gate * act(0) + skip_gate * x + residual``). On CPU (the interpreter) the check
+is free and is done.
 """
 
 if __name__ != "tarp_fast.kernels":

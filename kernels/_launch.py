@@ -6,15 +6,12 @@ constexpr flags, warps, stages) without running them, so the compile tier
 ``tarp_fwd`` / ``tarp_bwd`` / ``scale_weight_*`` functions run the plans; they take the arguments
 already normalized by :mod:`._ops` (2-D ``x``, contiguous factors, per-row fp32 gates).
 
-Debugging aid: with ``TARP_FAST_POISON=1`` in the environment (or inside :func:`poison_outputs`)
-every output buffer is allocated filled with NaN instead of uninitialized, so an element a kernel
-forgets to write shows up in the tests.
+Outputs are allocated by :func:`._plan.alloc` (poisoned under ``TARP_FAST_POISON=1`` or
+:func:`poison_outputs`, so an element a kernel forgets to write shows up in the tests).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -22,49 +19,21 @@ import triton
 
 from . import _kernels as K
 from ._configs import KernelConfig, config_for, device_arch
-from ._schedule import row_groups, row_groups_cuda, tile_table, use_cuda_helpers
+from ._plan import Launch, poison_outputs
+from ._plan import alloc as _alloc
+from ._schedule import (
+    row_groups,
+    row_groups_cuda,
+    row_groups_triton,
+    tile_table,
+    tile_table_triton,
+    triton_schedule_fits,
+    use_cuda_helpers,
+)
 
 __all__ = ["Launch", "tarp_fwd", "tarp_bwd", "scale_weight_fwd", "scale_weight_bwd", "poison_outputs"]
 
 ACT_CODES = {"none": 0, "relu": 1, "gelu_tanh": 2}
-_poison = [os.environ.get("TARP_FAST_POISON", "0") not in ("", "0")]
-
-
-@contextlib.contextmanager
-def poison_outputs(on: bool = True):
-    """Allocate every output buffer NaN-filled within the block (tests: unwritten = NaN)."""
-    saved = _poison[0]
-    _poison[0] = on
-    try:
-        yield
-    finally:
-        _poison[0] = saved
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    if _poison[0]:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@dataclass
-class Launch:
-    """One kernel launch: ``kernel[grid](**args, **constexprs, num_warps=..., num_stages=...)``."""
-
-    kernel: object
-    grid: tuple[int, ...]
-    args: dict[str, object]
-    constexprs: dict[str, object]
-    num_warps: int = 4
-    num_stages: int = 3
-    name: str = ""
-    tags: dict[str, object] = field(default_factory=dict)
-
-    def run(self) -> None:
-        if any(g == 0 for g in self.grid):
-            return
-        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps,
-                               num_stages=self.num_stages)
 
 
 def _dot_prec(dtype: torch.dtype, device: torch.device) -> str:
@@ -111,7 +80,8 @@ class Rows:
         if not self.grouped:
             return None, None, None, triton.cdiv(self.M, BM)
         if BM not in self._tables:
-            self._tables[BM] = tile_table(self.seg_off, self.M, self.T, BM)
+            build = tile_table_triton if triton_schedule_fits(self.T) else tile_table
+            self._tables[BM] = build(self.seg_off, self.M, self.T, BM)
         return self._tables[BM]
 
 
@@ -124,6 +94,8 @@ def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows
     drop_gate = gate if (hard_skip and gate is not None) else None
     if use_cuda_helpers(device):
         perm, seg_off = row_groups_cuda(M, T, task_index, drop_gate)
+    elif triton_schedule_fits(T):
+        perm, seg_off = row_groups_triton(M, T, task_index, drop_gate)
     else:
         perm, seg_off = row_groups(M, T, task_index, None if drop_gate is None else drop_gate == 0, device)
     return Rows(M, T, True, perm, seg_off)
@@ -205,7 +177,8 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
              hard_skip: bool):
     """Forward: ``(y [M, N], proj [M, C] fp32, z [M, r] fp32, perm [M] int32, seg_off [T+2] int32)``.
 
-    Passes: (1) the row schedule (device-side sort, only with tasks or ``hard_skip``);
+    Passes: (1) the row schedule (a device-side counting sort in three small Triton kernels, plus
+    one for the tile table; only with tasks or ``hard_skip``);
     (2) ``proj = [V_t; G_t] x`` (one GEMM of width ``C = r + r*r`` over the kept rows);
     (3) ``z = S h`` per row; (4) the fused main kernel. ``proj`` and ``z`` are what backward
     needs of the delta (``M (2r + r*r)`` floats); nothing ``[M, N]`` is kept.

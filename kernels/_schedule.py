@@ -13,14 +13,23 @@ height), so there is no host synchronization and the schedule can be captured in
 The number of row tiles launched is the bound ``cdiv(M, BM) + T`` (``T + 1`` segments each add at
 most one partial tile); surplus programs find an empty tile and exit.
 
-Two implementations of ``(perm, seg_off)``: :func:`row_groups` (torch's sort and searchsorted, any
-device) and :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
-``tarp_fast::compact_rows``: one stable counting sort, three small kernels, for CUDA builds of
-``tarp_fast._C``). :func:`use_cuda_helpers` picks the second only with ``TARP_FAST_CUDA_HELPERS=1``
-(which also sums a per-task gate's gradient with ``tarp_fast::segmented_sum``, ``_ops.py``):
-the helpers compile with nvcc in ``make test`` but have not yet run on a GPU in this project (no GPU
-was lent so far); the GPU tier checks both against each other (``tests/test_cuda_helpers.py``), and
-the default flips once it has passed on a GPU.
+Three implementations of ``(perm, seg_off)``, all with the same output:
+
+* :func:`row_groups_triton` (the default for ``T + 2 <= 1024``): four small Triton kernels
+  (:mod:`._schedule_kernels`: histogram, scan, scatter, and the tile table), in place of the ~30
+  launches the torch-ops version takes; the schedule is on the critical path of every grouped
+  call, and at the goal shape those launches cost more than the hard-skip goal's 5% margin.
+* :func:`row_groups` (torch's sort and searchsorted, any device): more tasks than the Triton
+  kernels' bins, and the oracle of the tests.
+* :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
+  ``tarp_fast::compact_rows``). :func:`use_cuda_helpers` picks it only with
+  ``TARP_FAST_CUDA_HELPERS=1`` (which also sums a per-task gate's gradient with
+  ``tarp_fast::segmented_sum``, ``_ops.py``): the helpers compile with nvcc in ``make test`` but
+  have not yet run on a GPU in this project (no GPU was lent so far); the GPU tier checks them
+  against the others (``tests/test_cuda_helpers.py``).
+
+Task indices outside ``[0, T)`` go to the dropped segment in all three (their rows get the
+dropped rows' output: no base product and no delta), since reporting them would need a sync.
 """
 
 from __future__ import annotations
@@ -29,8 +38,21 @@ import os
 from typing import Optional
 
 import torch
+import triton
 
-__all__ = ["row_groups", "row_groups_cuda", "use_cuda_helpers", "tile_table", "max_row_tiles"]
+from . import _schedule_kernels as SK
+from ._plan import Launch, alloc
+
+__all__ = ["row_groups", "row_groups_cuda", "row_groups_triton", "triton_schedule_fits", "use_cuda_helpers",
+           "tile_table", "tile_table_triton", "max_row_tiles"]
+
+#: rows per chunk of the Triton counting sort (one program sorts one chunk): up to SORT_CHUNK,
+#: fewer (a power of two, at least 128) when M is smaller, so a small batch sorts no padding
+SORT_CHUNK = 1024
+
+
+def sort_chunk(M: int) -> int:
+    return min(SORT_CHUNK, max(128, triton.next_power_of_2(max(M, 1))))
 
 _helpers_built: Optional[bool] = None
 
@@ -75,13 +97,13 @@ def row_groups(
     """``(perm [M] int32, seg_off [T + 2] int32)`` for rows keyed by task, dropped rows last.
 
     ``task_index`` ``[M]`` int64 or None (every row task 0); ``drop`` ``[M]`` bool or None.
-    Task indices outside ``[0, T)`` fall outside every task segment (their rows are not
-    computed); :func:`tarp_fast.kernels.tarp_linear_triton` range-checks them where that is free.
+    Task indices outside ``[0, T)`` count as dropped (:func:`tarp_fast.kernels.tarp_linear_triton`
+    range-checks them where that is free).
     """
     if task_index is None:
         key = torch.zeros(M, dtype=torch.int64, device=device)
     else:
-        key = task_index
+        key = torch.where((task_index < 0) | (task_index >= T), T, task_index)
     if drop is not None:
         key = torch.where(drop, torch.full_like(key, T), key)
     sorted_key, perm = torch.sort(key, stable=True)
@@ -109,6 +131,76 @@ def row_groups_cuda(
     else:
         perm, _, seg_off = ops.group_by_task(task_index, T, gate)
     return perm.to(torch.int32), seg_off.to(torch.int32)
+
+
+def triton_schedule_fits(T: int) -> bool:
+    """Whether the Triton schedule kernels take ``T`` tasks (their key bins hold ``T + 2``)."""
+    return T + 2 <= SK.MAX_BINS
+
+
+def _key_bins(T: int) -> int:
+    return triton.next_power_of_2(T + 2)
+
+
+def plan_row_groups(M: int, T: int, task_index: Optional[torch.Tensor], gate: Optional[torch.Tensor],
+                    perm: torch.Tensor, seg_off: torch.Tensor, hist: torch.Tensor) -> list[Launch]:
+    """The three sort launches of :func:`row_groups_triton` (``hist``: ``[(T + 1) * chunks]`` int32,
+    ``chunks = cdiv(M, sort_chunk(M))``)."""
+    ch = sort_chunk(M)
+    chunks = triton.cdiv(M, ch)
+    keys = dict(task_ptr=task_index, gate_ptr=gate, M=M, T=T, num_chunks=chunks)
+    flags = dict(HAS_TASK=task_index is not None, HAS_DROP=gate is not None, CH=ch)
+    return [
+        Launch(SK._sched_hist_kernel, (chunks,), dict(keys, hist_ptr=hist), dict(flags, NBP=_key_bins(T)),
+               num_warps=4, num_stages=1, name="sched_hist"),
+        Launch(SK._sched_scan_kernel, (1,), dict(hist_ptr=hist, seg_off_ptr=seg_off, n=(T + 1) * chunks,
+                                                 num_chunks=chunks, M=M, T=T), dict(BLOCK=256),
+               num_warps=4, num_stages=1, name="sched_scan"),
+        Launch(SK._sched_scatter_kernel, (chunks,), dict(keys, hist_ptr=hist, perm_ptr=perm), flags,
+               num_warps=4, num_stages=1, name="sched_scatter"),
+    ]
+
+
+def row_groups_triton(
+    M: int, T: int, task_index: Optional[torch.Tensor], gate: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`row_groups` by the Triton counting sort (same outputs; ``T + 2 <= 1024``).
+
+    ``task_index`` ``[M]`` int64 or None; ``gate`` ``[M]`` (the row gate under ``hard_skip``: rows
+    with ``gate == 0`` are dropped) or None. No host sync: every size is known on the host.
+    """
+    if not triton_schedule_fits(T):
+        raise ValueError(f"row_groups_triton: at most {SK.MAX_BINS - 2} tasks, got T={T}")
+    if M >= 2**31:
+        raise ValueError(f"row_groups_triton: needs M < 2**31 rows, got M={M}")
+    device = (task_index if task_index is not None else gate).device
+    perm = alloc((M,), torch.int32, device)
+    seg_off = alloc((T + 2,), torch.int32, device)
+    hist = alloc(((T + 1) * triton.cdiv(M, sort_chunk(M)),), torch.int32, device)
+    for launch in plan_row_groups(M, T, task_index, None if gate is None else gate.contiguous(), perm, seg_off,
+                                  hist):
+        launch.run()
+    return perm, seg_off
+
+
+def plan_tile_table(seg_off: torch.Tensor, T: int, BM: int, tile_seg: torch.Tensor, tile_start: torch.Tensor,
+                    tile_end: torch.Tensor) -> Launch:
+    """The launch of :func:`tile_table_triton` (outputs ``[num]`` int32 each)."""
+    num = tile_seg.shape[0]
+    nbp = _key_bins(T)
+    bp = max(1, min(256, 4096 // nbp))  # [BP, NBP] int32 temporaries per program
+    return Launch(SK._sched_tiles_kernel, (triton.cdiv(num, bp),),
+                  dict(seg_off_ptr=seg_off, tile_seg_ptr=tile_seg, tile_start_ptr=tile_start, tile_end_ptr=tile_end,
+                       T=T, num_tiles=num),
+                  dict(BM=BM, NBP=nbp, BP=bp), num_warps=4, num_stages=1, name="sched_tiles")
+
+
+def tile_table_triton(seg_off: torch.Tensor, M: int, T: int, BM: int):
+    """:func:`tile_table` in one Triton launch (same outputs; ``T + 2 <= 1024``)."""
+    num = max_row_tiles(M, T, BM)
+    out = [alloc((num,), torch.int32, seg_off.device) for _ in range(3)]
+    plan_tile_table(seg_off, T, BM, *out).run()
+    return (*out, num)
 
 
 def max_row_tiles(M: int, T: int, BM: int) -> int:

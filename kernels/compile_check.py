@@ -88,6 +88,7 @@ def build_plans(arch: int, quick: bool = False):
     import torch
 
     from . import _launch as L
+    from . import _schedule as S
     from ._configs import candidates, default_config
 
     meta = torch.device("meta")
@@ -213,6 +214,20 @@ def build_plans(arch: int, quick: bool = False):
                                  0.54, cfg_b, True, True)
             plans.append((f"{tag(dt)}-q{q}", _cfg_name(cfg_b), p))
 
+    # row schedule (sort and tile table): a full chunk and the smallest, few and many tasks
+    i32, i64 = torch.int32, torch.int64
+    for Ms, Ts in ((M, T), (100, T), (M, 1000)):
+        chunks = (Ms + S.sort_chunk(Ms) - 1) // S.sort_chunk(Ms)
+        for task, gate in ((t(Ms, dtype=i64), t(Ms, dtype=f32)), (None, t(Ms, dtype=f32)), (t(Ms, dtype=i64), None)):
+            variant = f"M{Ms}-T{Ts}" + ("-task" if task is not None else "") + ("-drop" if gate is not None else "")
+            for p in S.plan_row_groups(Ms, Ts, task, gate, t(Ms, dtype=i32), t(Ts + 2, dtype=i32),
+                                       t((Ts + 1) * chunks, dtype=i32)):
+                if p.name != "sched_scan" or task is not None and gate is not None:
+                    plans.append((variant, f"CH{p.constexprs.get('CH', '-')}", p))
+        num = S.max_row_tiles(Ms, Ts, 128)
+        p = S.plan_tile_table(t(Ts + 2, dtype=i32), Ts, 128, t(num, dtype=i32), t(num, dtype=i32), t(num, dtype=i32))
+        plans.append((f"M{Ms}-T{Ts}", f"BM128/BP{p.constexprs['BP']}", p))
+
     # fp32 with TF32 allowed (torch.backends.cuda.matmul.allow_tf32): the same launches with
     # tensor-core dots
     tf32 = []
@@ -250,9 +265,9 @@ def compile_job(job: Job) -> dict:
         from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
         from triton.compiler import ASTSource
 
-        from . import _kernels
+        from . import _kernels, _schedule_kernels
 
-        fn = getattr(_kernels, job.kernel)
+        fn = getattr(_kernels, job.kernel, None) or getattr(_schedule_kernels, job.kernel)
         src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
         ck = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
                             options=dict(num_warps=job.num_warps, num_stages=job.num_stages))

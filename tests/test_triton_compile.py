@@ -63,13 +63,15 @@ def test_hopper_uses_wgmma_and_ampere_mma(compile_report):
 
 
 def test_every_kernel_is_in_the_compile_set():
-    """A kernel added to _kernels.py without a compile job would escape this tier."""
+    """A kernel added to _kernels.py or _schedule_kernels.py without a compile job would escape
+    this tier."""
     import triton as _triton
-    from tarp_fast.kernels import _kernels
+    from tarp_fast.kernels import _kernels, _schedule_kernels
     from tarp_fast.kernels.compile_check import build_jobs
 
-    kernels = {name for name, obj in vars(_kernels).items()
+    kernels = {name for module in (_kernels, _schedule_kernels) for name, obj in vars(module).items()
                if isinstance(obj, _triton.runtime.jit.JITFunction) and name.endswith("_kernel")}
+    assert {"_sched_hist_kernel", "_sched_scan_kernel", "_sched_scatter_kernel", "_sched_tiles_kernel"} <= kernels
     covered = {j.kernel for j in build_jobs(quick=True)}
     assert kernels == covered, f"not compiled: {sorted(kernels - covered)}"
 

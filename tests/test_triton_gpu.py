@@ -222,3 +222,51 @@ def test_cuda_graph_capture(dev):
     torch.cuda.synchronize()
     y_e, gu_e = step()
     assert torch.equal(y_s, y_e) and torch.equal(gu_s, gu_e)
+
+
+@pytest.mark.parametrize("M,T", [(1, 1), (5000, 8), (300_000, 8), (20_000, 1000)])
+def test_triton_row_schedule_equals_the_torch_one(dev, M, T):
+    """The Triton counting sort and tile table (the default schedule) against the torch-ops one,
+    at sizes the interpreter cannot reach (300 chunks of 1024 rows; 1000 tasks), without a host
+    sync (``set_sync_debug_mode("error")``)."""
+    from tarp_fast.kernels import _schedule as S
+
+    g = torch.Generator(device=dev).manual_seed(M + T)
+    task = torch.randint(-1, T + 1, (M,), device=dev, generator=g)  # a few out of range: dropped
+    gate = (torch.rand(M, device=dev, generator=g) < 0.6).float()
+    for ti, gt in ((task, None), (task, gate), (None, gate)):
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            perm, seg_off = S.row_groups_triton(M, T, ti, gt)
+            tables = [S.tile_table_triton(seg_off, M, T, BM) for BM in (64, 128)]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        want_perm, want_off = S.row_groups(M, T, ti, None if gt is None else gt == 0, dev)
+        assert torch.equal(perm, want_perm) and torch.equal(seg_off, want_off)
+        for BM, got in zip((64, 128), tables):
+            want = S.tile_table(want_off, M, T, BM)
+            assert got[3] == want[3] and all(torch.equal(a, b) for a, b in zip(got[:3], want[:3]))
+
+
+def test_out_of_range_tasks_get_the_dropped_rows_output(dev):
+    """On CUDA task indices are not range-checked (a sync); a row whose task is out of range is
+    scheduled like a row hard_skip drops: its output is the skip and residual part only (here 0),
+    written (outputs are NaN-poisoned), and the other rows are unaffected."""
+    from tarp_fast.kernels import poison_outputs, tarp_linear_triton
+
+    from tarp_fast import reference
+
+    a, kw = _case(dev, M=200, K=64, N=64, r=4, T=3, q=0, gate=False, skip=False, activation="relu")
+    ti = kw["task_index"].clone()
+    bad = torch.zeros(200, dtype=torch.bool, device=dev)
+    bad[::9] = True
+    ti[::9] = torch.tensor([3, -1, 7], device=dev).repeat(23)[: int(bad.sum())]
+    args = [a[k].float() for k in ("x", "weight", "bias", "U", "V", "G")]
+    with poison_outputs():
+        y = tarp_linear_triton(*args, task_index=ti, activation="relu", scaling=0.5)
+    assert torch.equal(y[bad], torch.zeros_like(y[bad]))
+    ok = ~bad
+    want = reference.tarp_linear(args[0][ok].double(), *[t.double() for t in args[1:]], task_index=ti[ok],
+                                 activation="relu", scaling=0.5)
+    torch.testing.assert_close(y[ok].double(), want, rtol=1e-3, atol=1e-3)

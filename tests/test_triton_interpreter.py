@@ -474,15 +474,25 @@ def test_validation_errors_name_the_argument():
                            task_index=torch.tensor([0, 1, 2, 1]))
 
 
-def test_row_schedule_is_compact():
+def _schedule_by(impl, M, T, ti, gate, BM):
+    """``(perm, seg_off, tile table)`` of one implementation of the row schedule."""
+    if impl == "triton":
+        with poison_outputs():  # an entry a kernel forgets to write reads -1
+            perm, seg_off = _schedule.row_groups_triton(M, T, ti, gate)
+            return perm, seg_off, _schedule.tile_table_triton(seg_off, M, T, BM)
+    perm, seg_off = _schedule.row_groups(M, T, ti, None if gate is None else gate == 0, "cpu")
+    return perm, seg_off, _schedule.tile_table(seg_off, M, T, BM)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_row_schedule_is_compact(impl):
     """Every kept row is in exactly one tile, tiles never mix segments, and the number of
     non-empty tiles is at most cdiv(count, BM) per segment: work follows the kept fraction."""
     g = torch.Generator().manual_seed(15)
     M, T, BM = 203, 4, 16
     ti = torch.randint(0, T, (M,), generator=g)
     drop = torch.rand(M, generator=g) < 0.7
-    perm, seg_off = _schedule.row_groups(M, T, ti, drop, "cpu")
-    seg, start, end, num = _schedule.tile_table(seg_off, M, T, BM)
+    perm, seg_off, (seg, start, end, num) = _schedule_by(impl, M, T, ti, (~drop).float(), BM)
     seen = torch.zeros(M, dtype=torch.int64)
     nonempty = 0
     for s, a, b in zip(seg.tolist(), start.tolist(), end.tolist()):
@@ -498,6 +508,37 @@ def test_row_schedule_is_compact():
     assert nonempty == sum(-(-int(c) // BM) for c in counts)
     kept_tiles = sum(1 for s, a, b in zip(seg.tolist(), start.tolist(), end.tolist()) if b > a and s < T)
     assert kept_tiles <= -(-int((~drop).sum()) // BM) + T
+
+
+@pytest.mark.parametrize("M,T,mode", [
+    (0, 3, "tasks"), (1, 1, "tasks"), (1, 3, "drop"), (50, 1, "drop"), (50, 3, "tasks+drop"),
+    (130, 9, "out-of-range"), (77, 300, "tasks"), (1100, 5, "tasks+drop"),
+])
+def test_triton_schedule_equals_the_torch_schedule(M, T, mode):
+    """The Triton counting sort and tile table give exactly the torch-ops schedule: ``perm``
+    (stable: rows of a task in row order), ``seg_off`` and the tile table for two tile heights.
+    Covers no rows, one row, chunks of 128 (M <= 128) and of 1024 (two chunks at M = 1100), 300
+    tasks (512 key bins; the scan runs over two blocks and the tile table over 39 programs), and
+    task indices out of range, which both count as dropped."""
+    g = torch.Generator().manual_seed(M * 31 + T)
+    ti = torch.randint(0, T, (M,), generator=g) if "drop" != mode else None
+    if mode == "out-of-range":
+        ti[::7] = T + 2
+        ti[3::11] = -1
+    gate = None
+    if "drop" in mode:
+        gate = torch.rand(M, generator=g) + 0.1
+        gate[torch.rand(M, generator=g) < 0.4] = 0.0
+    want = _schedule_by("torch", M, T, ti, gate, 16)
+    for BM in (16, 64):
+        perm, seg_off, table = _schedule_by("triton", M, T, ti, gate, BM)
+        ref = _schedule.tile_table(want[1], M, T, BM)
+        assert perm.dtype == seg_off.dtype == torch.int32
+        assert torch.equal(perm, want[0]) and torch.equal(seg_off, want[1]), (perm, want[0], seg_off, want[1])
+        assert table[3] == ref[3] and all(torch.equal(a, b) for a, b in zip(table[:3], ref[:3])), (table, ref)
+    if mode == "out-of-range":  # the dropped segment holds exactly the out-of-range rows, in order
+        bad = torch.nonzero((ti < 0) | (ti >= T)).flatten().to(torch.int32)
+        assert torch.equal(want[0][int(want[1][T]):], bad)
 
 
 def test_opcheck_forward_op():
@@ -597,7 +638,8 @@ def test_gpu_report_runs_end_to_end_on_the_interpreter(tmp_path, monkeypatch):
     assert data["meta"]["device"].startswith("cpu") and data["meta"]["dtype"] == "float32"
     assert data["meta"]["configs"] == "deterministic defaults"
     sections = {row["section"] for row in data["rows"]}
-    assert sections == {"providers", "hard_skip", "tasks"}
+    assert sections == {"providers", "hard_skip", "tasks", "schedule (8 tasks)", "schedule (8 tasks + hard skip)"}
+    assert {row["provider"] for row in data["rows"] if row["section"].startswith("schedule")} == {"triton", "torch"}
     providers = {row["provider"] for row in data["rows"] if row["section"] == "providers"}
     assert {"F.linear", "triton", "reference"} <= providers
     assert all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in data["rows"])
