@@ -118,7 +118,9 @@ _SM80: dict[str, dict[str, KernelConfig]] = {
             "large32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3)},
     "proj": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3)},
     "dx": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-           "large16-wide": KernelConfig(64, 64, 32, num_warps=4, num_stages=3)},
+           "large16-wide": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+           # 4 warps spill 20 B with the swizzled grid's index arithmetic
+           "small16": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
     "wgrad": {"large16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3)},
     "scale": {"large32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1),
               "small32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1)},
@@ -156,7 +158,7 @@ CANDIDATES_SM80: dict[str, list[KernelConfig]] = {
     ],
     "dx": [
         KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-        KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        KernelConfig(64, 64, 64, num_warps=8, num_stages=3),
     ],
     "wgrad": [KernelConfig(64, 64, 64, num_warps=4, num_stages=3)],
 }

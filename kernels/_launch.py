@@ -128,9 +128,10 @@ def plan_proj(x, V, G, proj, rows: Rows, cfg: KernelConfig) -> Launch:
     C = proj.shape[1]
     sched, num_m = _sched_args(rows, cfg.BM)
     BC = min(cfg.BN, max(16, triton.next_power_of_2(C)))
+    num_c = triton.cdiv(C, BC)
     return Launch(
-        K._tarp_proj_kernel, (num_m, triton.cdiv(C, BC)),
-        dict(x_ptr=x, v_ptr=V, g_ptr=G, proj_ptr=proj, **sched, M=M, K=Kd, T=rows.T, num_m=num_m),
+        K._tarp_proj_kernel, (num_m * num_c,),
+        dict(x_ptr=x, v_ptr=V, g_ptr=G, proj_ptr=proj, **sched, M=M, K=Kd, T=rows.T, num_m=num_m, num_c=num_c),
         dict(R=R, C=C, HAS_G=G is not None, GROUPED=rows.grouped, BM=cfg.BM, BC=BC, BK=cfg.BK,
              DOT_PREC=_dot_prec(x.dtype, x.device)),
         cfg.num_warps, cfg.num_stages, name="proj",
@@ -243,14 +244,14 @@ def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_p
     sched, num_m = _sched_args(rows, cfg.BM)
     num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
     return Launch(
-        K._tarp_bwd_dx_kernel, (num_m, num_k),
+        K._tarp_bwd_dx_kernel, (num_m * num_k,),
         dict(dp_ptr=dp, rowscale_ptr=rowscale, w_ptr=weight, u_ptr=U, v_ptr=V, g_ptr=G, proj_ptr=proj,
              dy_ptr=dy, skip_ptr=skip, x_ptr=x, dx_ptr=dx, dproj_ptr=dproj, dskip_part_ptr=dskip_part,
-             **sched, M=M, N=N, K=Kd, T=rows.T, scaling=float(scaling)),
+             **sched, M=M, N=N, K=Kd, T=rows.T, num_m=num_m, num_k=num_k, scaling=float(scaling)),
         dict(R=max(R, 1), RP=_pad_rank(R), C=C, HAS_DELTA=U is not None, HAS_G=G is not None,
              W_TASK=weight.dim() == 3, ROWSCALE=rowscale is not None, HAS_SKIP=skip is not None and need_dx,
              NEED_DX=need_dx, NEED_DSKIP=dskip_part is not None, GROUPED=rows.grouped,
-             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, DOT_PREC=_dot_prec(x.dtype, x.device)),
+             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, DOT_PREC=_dot_prec(x.dtype, x.device)),
         cfg.num_warps, cfg.num_stages, name="dx",
     )
 
