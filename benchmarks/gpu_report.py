@@ -133,6 +133,14 @@ def _check(inp, **kw):
     return ek, ee
 
 
+def _tuned_choices():
+    """The configs autotuning picked, per key (empty with the defaults): which tiles won."""
+    from tarp_fast.kernels import _configs
+
+    return [dict(kernel=k[0], rows_bucket=k[1], itemsize=k[2], arch=k[3], key=list(k[4:]), config=repr(c))
+            for k, c in sorted(_configs._tuned.items(), key=lambda kv: repr(kv[0]))]
+
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -252,7 +260,8 @@ def main(argv=None, *, device=None, timer=None) -> int:
                 torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda, python=platform.python_version(),
                 date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), M=M, K=K, N=N, dtype=args.dtype,
                 timer="triton.testing.do_bench median (ms)" if timer is None else "caller's timer (ms)",
-                configs="autotuned (TARP_FAST_AUTOTUNE=1)" if autotune_enabled() else "deterministic defaults")
+                configs="autotuned (TARP_FAST_AUTOTUNE=1)" if autotune_enabled() else "deterministic defaults",
+                tuned=_tuned_choices())
     os.makedirs(args.out, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     base = os.path.join(args.out, f"gpu_report_{stamp}" + ("_autotuned" if autotune_enabled() else ""))

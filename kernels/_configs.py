@@ -46,6 +46,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
+    #: load the GEMM operands of the forward with TMA tensor descriptors (sm_90+): the weight
+    #: always, ``x`` when its rows are contiguous (no task grouping / hard skip). The launcher
+    #: falls back to pointer loads where TMA cannot serve (before sm_90, rows not 16-byte aligned).
+    tma: bool = False
 
 
 # name -> shape class -> default config.  "small": M <= 64 rows; "large": otherwise.
@@ -135,6 +139,8 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
     "fwd": [
         KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
         KernelConfig(128, 128, 64, num_warps=8, num_stages=4),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=4, tma=True),
         KernelConfig(128, 128, 32, num_warps=8, num_stages=4),
         KernelConfig(64, 128, 64, num_warps=4, num_stages=4),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),

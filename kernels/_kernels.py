@@ -168,13 +168,14 @@ def _tarp_z_kernel(proj_ptr, z_ptr, perm_ptr, M, T_seg_end_ptr,
 @triton.jit
 def _tarp_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, gate_ptr, skip_ptr, res_ptr, out_ptr,
-    dy_ptr, dgate_part_ptr,
+    dy_ptr, dgate_part_ptr, x_desc, w_desc,
     perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
     M, N, K, T, num_m, num_n, scaling,
     R: tl.constexpr, RP: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DELTA: tl.constexpr, W_TASK: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     GROUPED: tl.constexpr, BWD: tl.constexpr, NEED_DGATE: tl.constexpr,
+    TMA_X: tl.constexpr, TMA_W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
@@ -188,6 +189,9 @@ def _tarp_fwd_kernel(
     Base product and delta share one fp32 accumulator: the K-loop does ``x W_t^T`` and one extra
     ``[BM, RP] x [RP, BN]`` dot adds ``scaling z U_t^T`` (``z`` from the pre-pass, rounded to x's
     dtype for the tensor cores as eager PyTorch does). Dropped tiles do no matmul.
+    ``TMA_X`` / ``TMA_W``: the K-loop reads ``x`` (``[M, K]``, block ``[BM, BK]``) / the weight
+    (``[Tw * N, K]``, block ``[BN, BK]``) through TMA descriptors (Hopper's bulk tensor copies;
+    out-of-bounds parts of a block read as zeros, like the masked loads they replace).
     Grid: ``(row tiles * N tiles,)``, swizzled.
     """
     pid_m, pid_n = _swizzle(tl.program_id(0), num_m, num_n, GROUP_M)
@@ -205,13 +209,23 @@ def _tarp_fwd_kernel(
                 w_base = w_ptr + seg64 * N * K
             else:
                 w_base = w_ptr
+            if TMA_W:
+                w_row = pid_n * BN
+                if W_TASK:
+                    w_row += seg * N
             for k0 in range(0, K, BK):
                 kk = k0 + offs_k
                 kmask = kk < K
-                a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
-                            other=0.0)
-                b = tl.load(w_base + offs_n[None, :].to(tl.int64) * K + kk[:, None],
-                            mask=nmask[None, :] & kmask[:, None], other=0.0)
+                if TMA_X:
+                    a = x_desc.load([pid_m * BM, k0])
+                else:
+                    a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                                other=0.0)
+                if TMA_W:
+                    b = w_desc.load([w_row, k0]).T
+                else:
+                    b = tl.load(w_base + offs_n[None, :].to(tl.int64) * K + kk[:, None],
+                                mask=nmask[None, :] & kmask[:, None], other=0.0)
                 acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
             if HAS_DELTA:
                 j = tl.arange(0, RP)

@@ -151,6 +151,31 @@ def plan_z(proj, z, rows: Rows, R: int) -> Launch:
     )
 
 
+def _tma_can_serve(t: torch.Tensor) -> bool:
+    """Whether a contiguous row-major ``t`` can be read with a TMA descriptor on its device:
+    Hopper or newer (the interpreter and the compile tier's meta tensors count as able), a
+    16-byte aligned base and rows of a multiple of 16 bytes."""
+    if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    aligned = t.device.type == "meta" or t.data_ptr() % 16 == 0
+    return aligned and (t.shape[-1] * t.element_size()) % 16 == 0 and t.numel() > 0
+
+
+def _tma_descriptors(x, weight, rows: Rows, cfg: KernelConfig):
+    """``(x_desc, w_desc)`` for a forward tile config with ``cfg.tma`` (None where not used)."""
+    if not cfg.tma or not _tma_can_serve(weight) or weight.numel() >= 2**31:
+        return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    Kd = x.shape[1]
+    w2 = weight.reshape(-1, Kd)
+    w_desc = TensorDescriptor(w2, list(w2.shape), [Kd, 1], [cfg.BN, cfg.BK])
+    x_desc = None
+    if not rows.grouped and _tma_can_serve(x) and x.shape[0] < 2**31:
+        x_desc = TensorDescriptor(x, list(x.shape), [Kd, 1], [cfg.BM, cfg.BK])
+    return x_desc, w_desc
+
+
 def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg: KernelConfig, *,
               scaling: float, act: int, dy=None, dgate_part=None) -> Launch:
     """The fused forward kernel; with ``dy`` given, its backward-recompute mode (``out`` = dpre)."""
@@ -160,17 +185,19 @@ def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg:
     sched, num_m = _sched_args(rows, cfg.BM)
     num_n = triton.cdiv(N, cfg.BN)
     bwd = dy is not None
+    x_desc, w_desc = _tma_descriptors(x, weight, rows, cfg)
     return Launch(
         K._tarp_fwd_kernel, (num_m * num_n,),
         dict(x_ptr=x, w_ptr=weight, bias_ptr=bias, u_ptr=U, z_ptr=z, gate_ptr=gate, skip_ptr=skip,
-             res_ptr=residual, out_ptr=out, dy_ptr=dy, dgate_part_ptr=dgate_part, **sched,
-             M=M, N=N, K=Kd, T=rows.T, num_m=num_m, num_n=num_n, scaling=float(scaling)),
+             res_ptr=residual, out_ptr=out, dy_ptr=dy, dgate_part_ptr=dgate_part, x_desc=x_desc, w_desc=w_desc,
+             **sched, M=M, N=N, K=Kd, T=rows.T, num_m=num_m, num_n=num_n, scaling=float(scaling)),
         dict(R=max(R, 1), RP=_pad_rank(R), HAS_BIAS=bias is not None, HAS_DELTA=U is not None,
              W_TASK=weight.dim() == 3, HAS_GATE=gate is not None, HAS_SKIP=skip is not None,
              HAS_RES=residual is not None, ACT=act, GROUPED=rows.grouped, BWD=bwd,
-             NEED_DGATE=dgate_part is not None, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M,
-             DOT_PREC=_dot_prec(x.dtype, x.device)),
+             NEED_DGATE=dgate_part is not None, TMA_X=x_desc is not None, TMA_W=w_desc is not None,
+             BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, DOT_PREC=_dot_prec(x.dtype, x.device)),
         cfg.num_warps, cfg.num_stages, name="fwd_recompute" if bwd else "fwd",
+        tags=dict(tma_x=x_desc is not None, tma_w=w_desc is not None),
     )
 
 

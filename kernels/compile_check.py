@@ -6,7 +6,8 @@ Run ``python -m tarp_fast.kernels.compile_check`` (``--arch 90`` to restrict, ``
 flag variants, it builds the launch exactly as the launchers do (:mod:`._launch` ``plan_*``, on
 ``meta`` tensors), compiles it with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 cap, 32))``, runs Triton's own ``ptxas -v`` on the PTX and prints registers, spill bytes, shared
-memory and the MMA instructions used (``wgmma`` = Hopper HGMMA, ``mma`` = Ampere mma.sync).
+memory and the MMA instructions used (``wgmma`` = Hopper HGMMA, ``mma`` = Ampere mma.sync; ``+tma``:
+the kernel loads through TMA bulk tensor copies).
 
 Exit status: 0 when everything compiled without spills; 1 on any compile error or spill.
 The interpreter tier cannot see these failures: it accepts programs (e.g. ``tl.dot`` with a
@@ -50,8 +51,10 @@ def _signature(kernel, args: dict, constexprs: dict):
     """Triton signature of a launch: tensors -> pointer types, ints -> i32/i64, floats -> fp32,
     ``None`` and constexpr flags -> ``constexpr``; plus the specialization the JIT would apply
     (``tt.divisibility`` 16 for pointers, which torch allocations satisfy, and for ints that are
-    multiples of 16, as the LLM shapes checked here are). Returns ``(signature, constexprs, attrs)``."""
+    multiples of 16, as the LLM shapes checked here are); TMA tensor descriptors ->
+    ``tensordesc<dtype[block]>``. Returns ``(signature, constexprs, attrs)``."""
     import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     sig, const, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
@@ -66,6 +69,9 @@ def _signature(kernel, args: dict, constexprs: dict):
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _TY[str(v.dtype).replace("torch.", "")]
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, TensorDescriptor):
+            block = ", ".join(str(b) for b in v.block_shape)
+            sig[name] = f"tensordesc<{_TY[str(v.base.dtype).replace('torch.', '')]}[{block}]>"
         elif isinstance(v, bool):
             raise TypeError(f"compile_check: bool runtime argument {name!r}")
         elif isinstance(v, int):
@@ -80,7 +86,7 @@ def _signature(kernel, args: dict, constexprs: dict):
 
 
 def _cfg_name(c) -> str:
-    return f"{c.BM}x{c.BN}x{c.BK}/w{c.num_warps}/s{c.num_stages}"
+    return f"{c.BM}x{c.BN}x{c.BK}/w{c.num_warps}/s{c.num_stages}" + ("/tma" if c.tma else "")
 
 
 def build_plans(arch: int, quick: bool = False):
@@ -274,6 +280,8 @@ def compile_job(job: Job) -> dict:
         ptx = ck.asm["ptx"]
         res["shared"] = int(ck.metadata.shared)
         res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "fma")
+        if "cp.async.bulk.tensor" in ptx:  # TMA loads (Hopper tensor descriptors)
+            res["mma"] += "+tma"
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "k.ptx")
             with open(path, "w") as f:
@@ -319,7 +327,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             results = list(ex.map(compile_job, jobs))
     else:
         results = [compile_job(j) for j in jobs]
-    header = f"{'kernel':<26} {'variant':<24} {'config':<22} {'sm':>3} {'regs':>4} {'spill':>9} {'smem':>7} {'mma':>5} {'s':>5}"
+    header = f"{'kernel':<26} {'variant':<24} {'config':<22} {'sm':>3} {'regs':>4} {'spill':>9} {'smem':>7} {'mma':>9} {'s':>5}"
     print(header)
     print("-" * len(header))
     bad = 0
@@ -327,7 +335,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         spill = f"{r['spill_stores']}/{r['spill_loads']}" if r["ok"] else "-"
         line = (f"{r['kernel']:<26} {r['variant']:<24} {r['config']:<22} {r['arch']:>3} "
                 f"{r['regs'] if r['regs'] is not None else '-':>4} {spill:>9} "
-                f"{r['shared'] if r['shared'] is not None else '-':>7} {r['mma']:>5} {r['seconds']:>5}")
+                f"{r['shared'] if r['shared'] is not None else '-':>7} {r['mma']:>9} {r['seconds']:>5}")
         problem = None
         if not r["ok"]:
             problem = f"COMPILE ERROR: {r['error']}"

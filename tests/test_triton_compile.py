@@ -59,7 +59,11 @@ def test_hopper_uses_wgmma_and_ampere_mma(compile_report):
     assert gemm, compile_report.stdout[-2000:]
     for r in gemm:
         arch, mma = r[3], r[7]
-        assert mma == ("wgmma" if arch == "90" else "mma"), " ".join(r)
+        assert mma.split("+")[0] == ("wgmma" if arch == "90" else "mma"), " ".join(r)
+    # tma=True configs really issue TMA bulk tensor copies on sm_90 (and only they do)
+    tma = [r for r in rows if r[0] == "_tarp_fwd_kernel" and r[3] == "90" and r[2].endswith("/tma")]
+    assert tma and all(r[7] == "wgmma+tma" for r in tma), tma
+    assert not any(r[7].endswith("+tma") for r in rows if not r[2].endswith("/tma"))
 
 
 def test_every_kernel_is_in_the_compile_set():

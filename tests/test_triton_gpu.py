@@ -192,10 +192,34 @@ def test_torch_compile_fullgraph_tarplinear(dev):
         torch.testing.assert_close(g1, g2, rtol=2e-2, atol=2e-2)
 
 
-def test_cuda_graph_capture(dev):
-    """Forward and backward replay from a CUDA graph equal eager: no host sync in the op."""
-    from tarp_fast.kernels import tarp_linear_triton
+@pytest.mark.parametrize("tasks", [False, True])
+def test_tma_forward_config_against_float64(dev, tasks, tf32_off):
+    """The tma=True forward candidate (TMA descriptors for x and the weight; the weight only with
+    tasks) in bf16 and fp32, against float64 like every other config."""
+    from tarp_fast.kernels import KernelConfig, use_config
 
+    a, kw = _case(dev, M=777, K=384, N=384, r=16, T=4 if tasks else None, q=0)
+    with use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)):
+        _compare(a, kw, torch.bfloat16)
+    with use_config(fwd=KernelConfig(64, 64, 32, num_warps=8, num_stages=3, tma=True)):
+        _compare(a, kw, torch.float32)
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_cuda_graph_capture(dev, tma):
+    """Forward and backward replay from a CUDA graph equal eager: no host sync in the op (also
+    with TMA descriptors, which travel as kernel parameters)."""
+    import contextlib
+
+    from tarp_fast.kernels import KernelConfig, tarp_linear_triton, use_config
+
+    cfg = use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)) if tma else (
+        contextlib.nullcontext())
+    with cfg:
+        _graph_equals_eager(dev, tarp_linear_triton)
+
+
+def _graph_equals_eager(dev, tarp_linear_triton):
     a, kw = _case(dev, M=512, K=256, N=256, r=8, T=2, q=0, hard_skip=True)
     args = {k: v.bfloat16().detach() if v is not None else None for k, v in a.items()}
     U = args["U"].requires_grad_()
