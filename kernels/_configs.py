@@ -46,9 +46,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
-    #: load the GEMM operands of the forward with TMA tensor descriptors (sm_90+): the weight
-    #: always, ``x`` when its rows are contiguous (no task grouping / hard skip). The launcher
-    #: falls back to pointer loads where TMA cannot serve (before sm_90, rows not 16-byte aligned).
+    #: load the GEMM operands of the forward / dx kernel with TMA tensor descriptors (sm_90+):
+    #: the weight, and ``x`` / ``dpre`` when their rows are contiguous (no task grouping / hard
+    #: skip). The launcher falls back to pointer loads where TMA cannot serve (before sm_90, rows
+    #: not a multiple of 16 bytes).
     tma: bool = False
 
 
@@ -147,6 +148,7 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
     ],
     "dx": [
         KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
+        KernelConfig(128, 64, 128, num_warps=8, num_stages=3, tma=True),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
     ],
     "wgrad": [

@@ -285,12 +285,13 @@ def _tarp_fwd_kernel(
 @triton.jit
 def _tarp_bwd_dx_kernel(
     dp_ptr, rowscale_ptr, w_ptr, u_ptr, v_ptr, g_ptr, proj_ptr,
-    dy_ptr, skip_ptr, x_ptr, dx_ptr, dproj_ptr, dskip_part_ptr,
+    dy_ptr, skip_ptr, x_ptr, dx_ptr, dproj_ptr, dskip_part_ptr, dp_desc, w_desc,
     perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
     M, N, K, T, num_m, num_k, scaling,
     R: tl.constexpr, RP: tl.constexpr, C: tl.constexpr,
     HAS_DELTA: tl.constexpr, HAS_G: tl.constexpr, W_TASK: tl.constexpr, ROWSCALE: tl.constexpr,
     HAS_SKIP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DSKIP: tl.constexpr, GROUPED: tl.constexpr,
+    TMA_DP: tl.constexpr, TMA_W: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``dx = W_t^T dpre + V_t^T dh + G_t^T vec(dS) + skip dy`` for a ``[BM, BK]`` tile of ``dx``.
@@ -307,7 +308,8 @@ def _tarp_bwd_dx_kernel(
     in groups of ``GROUP_M`` row tiles like the forward: programs running together share ``dpre``
     row panels and weight column panels in L2. (Row tile fastest, every wave of ~2 K tiles
     re-read all of ``dpre`` from HBM: ~1 GB at M = 8192, K = N = 4096 in bf16, against ~0.4 GB
-    grouped.)
+    grouped.) ``TMA_DP`` / ``TMA_W``: ``dpre`` (``[M, N]``, block ``[BM, BN]``) / the weight
+    (``[Tw * N, K]``, block ``[BN, BK]``) through TMA descriptors, as in the forward.
     """
     pid_m, pid_k = _swizzle(tl.program_id(0), num_m, num_k, GROUP_M)
     rows, rmask, seg, live = _tile_rows(pid_m, M, perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
@@ -327,14 +329,24 @@ def _tarp_bwd_dx_kernel(
             else:
                 w_base = w_ptr
             e = tl.zeros((BM, RP), dtype=tl.float32)
+            if TMA_W:
+                w_row = 0
+                if W_TASK:
+                    w_row += seg * N
             for n0 in range(0, N, BN):
                 nn = n0 + offs_n0
                 nmask = nn < N
-                dp = tl.load(dp_ptr + rows[:, None] * N + nn[None, :], mask=rmask[:, None] & nmask[None, :],
-                             other=0.0)
+                if TMA_DP:
+                    dp = dp_desc.load([pid_m * BM, n0])
+                else:
+                    dp = tl.load(dp_ptr + rows[:, None] * N + nn[None, :], mask=rmask[:, None] & nmask[None, :],
+                                 other=0.0)
                 if NEED_DX:
-                    w = tl.load(w_base + nn[:, None].to(tl.int64) * K + offs_k[None, :],
-                                mask=nmask[:, None] & kmask[None, :], other=0.0)
+                    if TMA_W:
+                        w = w_desc.load([w_row + n0, pid_k * BK])
+                    else:
+                        w = tl.load(w_base + nn[:, None].to(tl.int64) * K + offs_k[None, :],
+                                    mask=nmask[:, None] & kmask[None, :], other=0.0)
                     acc = tl.dot(dp, w, acc, input_precision=DOT_PREC)
                 if HAS_DELTA:
                     u = tl.load(u_ptr + seg64 * N * R + nn[:, None].to(tl.int64) * R + j[None, :],

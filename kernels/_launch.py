@@ -158,22 +158,24 @@ def _tma_can_serve(t: torch.Tensor) -> bool:
     if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
         return False
     aligned = t.device.type == "meta" or t.data_ptr() % 16 == 0
-    return aligned and (t.shape[-1] * t.element_size()) % 16 == 0 and t.numel() > 0
+    return aligned and t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and 0 < t.numel() < 2**31
 
 
 def _tma_descriptors(x, weight, rows: Rows, cfg: KernelConfig):
     """``(x_desc, w_desc)`` for a forward tile config with ``cfg.tma`` (None where not used)."""
-    if not cfg.tma or not _tma_can_serve(weight) or weight.numel() >= 2**31:
+    if not cfg.tma or not _tma_can_serve(weight):
         return None, None
+    w_desc = _descriptor(weight, cfg.BN, cfg.BK)
+    x_desc = _descriptor(x, cfg.BM, cfg.BK) if not rows.grouped and _tma_can_serve(x) else None
+    return x_desc, w_desc
+
+
+def _descriptor(t: torch.Tensor, rows: int, cols: int):
+    """A TMA descriptor of row-major ``t`` viewed as 2-D ``[numel / last, last]``, block ``[rows, cols]``."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    Kd = x.shape[1]
-    w2 = weight.reshape(-1, Kd)
-    w_desc = TensorDescriptor(w2, list(w2.shape), [Kd, 1], [cfg.BN, cfg.BK])
-    x_desc = None
-    if not rows.grouped and _tma_can_serve(x) and x.shape[0] < 2**31:
-        x_desc = TensorDescriptor(x, list(x.shape), [Kd, 1], [cfg.BM, cfg.BK])
-    return x_desc, w_desc
+    t2 = t.reshape(-1, t.shape[-1])
+    return TensorDescriptor(t2, list(t2.shape), [t2.shape[1], 1], [rows, cols])
 
 
 def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg: KernelConfig, *,
@@ -270,16 +272,24 @@ def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_p
     C = proj.shape[1] if U is not None else 1
     sched, num_m = _sched_args(rows, cfg.BM)
     num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
+    # TMA where it serves; a per-task weight only when no N tile straddles two tasks (a tile
+    # past N would read the next task's rows, times dpre's zero columns: NaN if those hold inf)
+    tma_w = cfg.tma and need_dx and _tma_can_serve(weight) and (weight.dim() == 2 or N % cfg.BN == 0)
+    tma_dp = cfg.tma and not rows.grouped and _tma_can_serve(dp)
+    dp_desc = _descriptor(dp, cfg.BM, cfg.BN) if tma_dp else None
+    w_desc = _descriptor(weight, cfg.BN, cfg.BK) if tma_w else None
     return Launch(
         K._tarp_bwd_dx_kernel, (num_m * num_k,),
         dict(dp_ptr=dp, rowscale_ptr=rowscale, w_ptr=weight, u_ptr=U, v_ptr=V, g_ptr=G, proj_ptr=proj,
              dy_ptr=dy, skip_ptr=skip, x_ptr=x, dx_ptr=dx, dproj_ptr=dproj, dskip_part_ptr=dskip_part,
+             dp_desc=dp_desc, w_desc=w_desc,
              **sched, M=M, N=N, K=Kd, T=rows.T, num_m=num_m, num_k=num_k, scaling=float(scaling)),
         dict(R=max(R, 1), RP=_pad_rank(R), C=C, HAS_DELTA=U is not None, HAS_G=G is not None,
              W_TASK=weight.dim() == 3, ROWSCALE=rowscale is not None, HAS_SKIP=skip is not None and need_dx,
              NEED_DX=need_dx, NEED_DSKIP=dskip_part is not None, GROUPED=rows.grouped,
+             TMA_DP=tma_dp, TMA_W=tma_w,
              BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=cfg.GROUP_M, DOT_PREC=_dot_prec(x.dtype, x.device)),
-        cfg.num_warps, cfg.num_stages, name="dx",
+        cfg.num_warps, cfg.num_stages, name="dx", tags=dict(tma_dp=tma_dp, tma_w=tma_w),
     )
 
 

@@ -175,18 +175,20 @@ def build_plans(arch: int, quick: bool = False):
         dyn = variant != "bilinear-rowscale"
         C = r + r * r if dyn else r
         need_dx = variant != "rterms-only"
+        grouped = variant != "plain"  # plain: one task, rows in order (dpre through TMA with tma=True)
+        lead = (T,) if grouped else ()
         p = L.plan_dx(
             t(M, N, dtype=dt), t(M, dtype=f32) if variant == "bilinear-rowscale" else None,
-            t(T, N, Kd, dtype=dt), t(T, N, r, dtype=dt), t(T, r, Kd, dtype=dt),
-            t(T, r * r, Kd, dtype=dt) if dyn else None, t(M, C, dtype=f32),
+            t(*lead, N, Kd, dtype=dt), t(*lead, N, r, dtype=dt), t(*lead, r, Kd, dtype=dt),
+            t(*lead, r * r, Kd, dtype=dt) if dyn else None, t(M, C, dtype=f32),
             t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
             t(M, C, dtype=f32), t(Kd // cfg.BK, M, dtype=f32) if need_dx else None,
-            rows(True), cfg, scaling=0.5, need_dx=need_dx)
+            rows(grouped), cfg, scaling=0.5, need_dx=need_dx)
         plans.append((f"{tag(dt)}-{variant}", _cfg_name(cfg), p))
 
     for dt in (torch.bfloat16, f32):
         for cfg in configs("dx", dt):
-            for variant in ("full-r16", "bilinear-rowscale", "rterms-only"):
+            for variant in ("full-r16", "bilinear-rowscale", "rterms-only") + (("plain",) if cfg.tma else ()):
                 dx_plan(dt, cfg, variant)
         dx_plan(dt, default_config("dx", "large" + bits(dt), rank=32, arch=arch), "full-r32")
 

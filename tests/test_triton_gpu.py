@@ -193,15 +193,17 @@ def test_torch_compile_fullgraph_tarplinear(dev):
 
 
 @pytest.mark.parametrize("tasks", [False, True])
-def test_tma_forward_config_against_float64(dev, tasks, tf32_off):
-    """The tma=True forward candidate (TMA descriptors for x and the weight; the weight only with
-    tasks) in bf16 and fp32, against float64 like every other config."""
+def test_tma_configs_against_float64(dev, tasks, tf32_off):
+    """The tma=True forward and dx candidates (TMA descriptors for x / dpre and the weight; the
+    weight only with tasks) in bf16 and fp32, against float64 like every other config."""
     from tarp_fast.kernels import KernelConfig, use_config
 
     a, kw = _case(dev, M=777, K=384, N=384, r=16, T=4 if tasks else None, q=0)
-    with use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)):
+    with use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
+                    dx=KernelConfig(128, 64, 128, num_warps=8, num_stages=3, tma=True)):
         _compare(a, kw, torch.bfloat16)
-    with use_config(fwd=KernelConfig(64, 64, 32, num_warps=8, num_stages=3, tma=True)):
+    with use_config(fwd=KernelConfig(64, 64, 32, num_warps=8, num_stages=3, tma=True),
+                    dx=KernelConfig(64, 32, 32, num_warps=8, num_stages=3, tma=True)):
         _compare(a, kw, torch.float32)
 
 

@@ -456,32 +456,34 @@ def test_every_candidate_config(kernel, idx):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("layout,expect", [
-    ("plain", (True, True)),  # rows contiguous: x and the weight through TMA
-    ("tasks-per-task-weight", (False, True)),  # grouped rows: x gathered by pointer; W [T, N, K]
+    ("plain", (True, True)),  # rows contiguous: x / dpre and the weight through TMA
+    ("tasks-per-task-weight", (False, True)),  # grouped rows gathered by pointer; W [T, N, K]
     ("rows-not-16B", (False, False)),  # K * itemsize % 16 != 0 in fp16: pointer loads
 ])
-def test_tma_forward_loads(dtype, layout, expect, monkeypatch):
-    """A ``tma=True`` forward config reads x / the weight through TMA descriptors where they can
-    serve (checked through the launch's tags) and gives the reference's results every time."""
+def test_tma_loads(dtype, layout, expect, monkeypatch):
+    """``tma=True`` configs of the forward and dx kernels read their row operand (x / dpre) and
+    the weight through TMA descriptors where these can serve (checked through the launches'
+    tags) and give the reference's results and gradients every time."""
     from tarp_fast.kernels import _plan
 
-    K = 36 if layout == "rows-not-16B" else 40
+    K = 36 if layout == "rows-not-16B" else 48
     tasks = dict(T=3, q=2) if layout == "tasks-per-task-weight" else {}
     a, kw = make_case(M=45, K=K, N=K, r=4, gate="row", skip="row", residual=True, activation="gelu_tanh",
                       seed=21, **tasks)
-    seen = []
+    seen = {"fwd": set(), "dx": set()}
     run_launch = _plan.Launch.run
 
     def spy(launch):
-        if launch.name == "fwd":
-            seen.append((launch.tags["tma_x"], launch.tags["tma_w"]))
+        if launch.name in seen:
+            seen[launch.name].add(tuple(launch.tags.values()))
         run_launch(launch)
 
     monkeypatch.setattr(_plan.Launch, "run", spy)
-    with use_config(fwd=KernelConfig(16, 32, 16, num_warps=1, num_stages=1, tma=True)):
+    tma = dict(num_warps=1, num_stages=1, tma=True)
+    with use_config(fwd=KernelConfig(16, 32, 16, **tma), dx=KernelConfig(16, 16, 32, **tma)):
         check_case(a, kw, dtype)
     want = expect if not (layout == "rows-not-16B" and dtype == torch.float32) else (True, True)
-    assert seen and set(seen) == {want}, seen
+    assert seen == {"fwd": {want}, "dx": {want}}, seen
 
 
 def test_dispatch_through_ops():
