@@ -368,11 +368,19 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
         C = proj.shape[1] if U is not None else 1
         dproj = _alloc((M, C), torch.float32, dev) if U is not None else None
         do_dskip = need_dskip and need_dx
-        cfg = config_for("dx", M, item, rank=R, arch=arch)
-        num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
-        part = _alloc((num_k, M), torch.float32, dev) if do_dskip else None
-        plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, part, rows, cfg,
-                scaling=scaling, need_dx=need_dx).run()
+
+        def dx_launch(cfg):
+            num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
+            part = _alloc((num_k, M), torch.float32, dev) if do_dskip else None
+            return plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, part, rows, cfg,
+                           scaling=scaling, need_dx=need_dx), part
+
+        # tuned like the forward (the kernel writes every output element once: a relaunch is
+        # idempotent), except above rank 16, where only the "-wide" default is spill-checked
+        bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev) if R <= 16 else None
+        cfg = config_for("dx", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped, need_dx), bench=bench)
+        launch, part = dx_launch(cfg)
+        launch.run()
         if do_dskip:
             dskip = part.sum(0)
     if need_dskip and dskip is None:

@@ -1,0 +1,86 @@
+"""Kernel configs of the Triton path: defaults, overrides and autotuning (CPU tier; no kernel runs).
+
+Autotuning (``TARP_FAST_AUTOTUNE=1``) times every candidate once per bucketed key through the
+``bench`` callable a launcher passes (CUDA only) and keeps the fastest; these tests drive
+:func:`config_for` with a fake ``bench`` that returns chosen timings.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tarp_fast.kernels import _configs as C  # noqa: E402
+from tarp_fast.kernels._configs import KernelConfig, candidates, config_for, default_config, use_config  # noqa: E402
+
+
+@pytest.fixture
+def tuning(monkeypatch):
+    """Autotuning on, with an empty cache restored afterwards."""
+    monkeypatch.setenv("TARP_FAST_AUTOTUNE", "1")
+    saved = dict(C._tuned)
+    C._tuned.clear()
+    yield
+    C._tuned.clear()
+    C._tuned.update(saved)
+
+
+def _fake_bench(winner: KernelConfig, calls: list):
+    def bench(cfg):
+        calls.append(cfg)
+        return 1.0 if cfg == winner else 2.0 + len(calls)
+
+    return bench
+
+
+@pytest.mark.parametrize("name", ["fwd", "dx"])
+def test_autotuning_keeps_the_fastest_candidate_per_bucketed_key(tuning, name):
+    cands = candidates(name, 90)
+    winner = cands[-1]
+    calls = []
+    bench = _fake_bench(winner, calls)
+    got = config_for(name, 700, 2, arch=90, key=(4096, 4096, 16, False), bench=bench)
+    assert got == winner
+    assert set(calls) == set([default_config(name, "large16", arch=90)] + cands)  # each timed once
+    n = len(calls)
+    # the same bucket (M rounded up to a power of two: 1024) reuses the choice, no new timing
+    assert config_for(name, 1000, 2, arch=90, key=(4096, 4096, 16, False), bench=bench) == winner
+    assert len(calls) == n
+    # another bucket, another key or another arch is tuned afresh
+    config_for(name, 1100, 2, arch=90, key=(4096, 4096, 16, False), bench=bench)
+    config_for(name, 700, 2, arch=90, key=(4096, 4096, 16, True), bench=bench)
+    assert len(calls) == 3 * n
+
+
+def test_tma_candidates_are_hopper_only():
+    assert any(c.tma for c in candidates("fwd", 90)) and any(c.tma for c in candidates("dx", 90))
+    assert not any(c.tma for c in candidates("fwd", 80) + candidates("dx", 80))
+    assert not any(default_config(k, cls, arch=a).tma for k in ("fwd", "dx", "proj", "wgrad")
+                   for cls in ("small16", "large16", "small32", "large32") for a in (80, 90))
+
+
+def test_no_tuning_without_the_switch_for_fp32_or_without_a_bench(tuning, monkeypatch):
+    calls = []
+    bench = _fake_bench(candidates("fwd", 90)[-1], calls)
+    default = default_config("fwd", "large16", arch=90)
+    assert config_for("fwd", 700, 2, arch=90, bench=None) == default  # CPU / graph capture: no bench
+    assert config_for("fwd", 700, 4, arch=90, bench=bench) == default_config("fwd", "large32", arch=90)
+    monkeypatch.setenv("TARP_FAST_AUTOTUNE", "0")
+    assert config_for("fwd", 700, 2, arch=90, bench=bench) == default
+    assert calls == []
+
+
+def test_an_override_wins_over_tuning(tuning):
+    forced = KernelConfig(16, 16, 16, num_warps=1)
+    calls = []
+    with use_config(dx=forced):
+        assert config_for("dx", 700, 2, arch=90, bench=_fake_bench(forced, calls)) == forced
+    assert calls == []
+
+
+def test_the_launchers_pass_no_bench_off_cuda():
+    from tarp_fast.kernels._launch import _bench_fn
+
+    assert _bench_fn(lambda cfg: [], torch.device("cpu")) is None
