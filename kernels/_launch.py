@@ -72,7 +72,7 @@ class Rows:
     T: int  # task segments (1 without task_index); segment T holds the dropped rows
     grouped: bool
     perm: torch.Tensor  # [M] int32 (empty when not grouped)
-    seg_off: torch.Tensor  # [T + 2] int32
+    seg_off: torch.Tensor  # [T + 2] int32 (empty when not grouped)
     _tables: dict[int, tuple] = field(default_factory=dict)
 
     def tiles(self, BM: int):
@@ -88,9 +88,10 @@ class Rows:
 def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows:
     grouped = task_index is not None or (hard_skip and gate is not None)
     if not grouped:
-        seg_off = torch.zeros(T + 2, dtype=torch.int32, device=device)
-        seg_off[1:] = M
-        return Rows(M, T, False, torch.empty(0, dtype=torch.int32, device=device), seg_off)
+        # no schedule: tiles are plain row ranges, so no kernel runs here (this is on the
+        # critical path of every plain call); empty, distinct tensors stand for perm and seg_off
+        return Rows(M, T, False, torch.empty(0, dtype=torch.int32, device=device),
+                    torch.empty(0, dtype=torch.int32, device=device))
     drop_gate = gate if (hard_skip and gate is not None) else None
     if use_cuda_helpers(device):
         perm, seg_off = row_groups_cuda(M, T, task_index, drop_gate)

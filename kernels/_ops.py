@@ -29,7 +29,8 @@ Autograd of ``triton_tarp_fwd`` (single task shown; sums are per task with ``tas
 
 With ``hard_skip`` the rows whose gate is 0 contribute only ``k x + res`` (and ``dg = 0``).
 Saved for backward: the inputs, ``proj = [h | vec(S)]`` and ``z`` (``M (2r + r^2)`` fp32) and
-the row schedule (``perm [M]``, ``seg_off [T+2]`` int32); ``pre`` is recomputed, never stored.
+the row schedule (``perm [M]``, ``seg_off [T+2]`` int32; both empty when rows are not regrouped);
+``pre`` is recomputed, never stored.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ def _fake_aux(x, weight, U, G, task_index, gate, hard_skip):
     else:
         proj = z = x.new_empty(0, dtype=torch.float32)
     T = _launch._num_tasks(weight, U, task_index)
-    perm = x.new_empty((M if _flag(hard_skip, gate, task_index) else 0,), dtype=torch.int32)
-    seg = x.new_empty((T + 2,), dtype=torch.int32)
+    grouped = _flag(hard_skip, gate, task_index)
+    perm = x.new_empty((M if grouped else 0,), dtype=torch.int32)
+    seg = x.new_empty((T + 2 if grouped else 0,), dtype=torch.int32)
     return proj, z, perm, seg
 
 

@@ -573,14 +573,16 @@ def test_triton_schedule_equals_the_torch_schedule(M, T, mode):
         assert torch.equal(want[0][int(want[1][T]):], bad)
 
 
-def test_opcheck_forward_op():
-    a, kw = make_case(M=9, K=16, N=16, r=2, T=2, seed=16)
+@pytest.mark.parametrize("grouped", [True, False])
+def test_opcheck_forward_op(grouped):
+    """Grouped (tasks + hard skip: a row schedule) and plain (no schedule: empty perm / seg_off)."""
+    a, kw = make_case(M=9, K=16, N=16, r=2, T=2 if grouped else None, seed=16)
     x = a["x"].float()
-    ti = kw["task_index"]
+    ti = kw.get("task_index")
     gate = torch.rand(9)
     gate[2] = 0
     args = (x.requires_grad_(), a["weight"].float().requires_grad_(), a["bias"].float(), a["U"].float().requires_grad_(),
-            a["V"].float(), a["G"].float(), ti, gate.requires_grad_(), None, None, 1.5, "relu", True)
+            a["V"].float(), a["G"].float(), ti, gate.requires_grad_(), None, None, 1.5, "relu", grouped)
     torch.library.opcheck(triton_tarp_fwd, args)
 
 
