@@ -155,6 +155,13 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(64, 128, 128, num_warps=8, num_stages=3),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
     ],
+    # proj: BN is the column tile over C = r + r^2 (272 at r = 16: 128-wide tiles compute 384
+    # columns, 64-wide ones 320 but start twice as many programs per row tile)
+    "proj": [
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        KernelConfig(128, 64, 64, num_warps=4, num_stages=3),
+        KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
+    ],
 }
 
 #: sm_80 candidates: the sm_90 lists without the tiles that spill under mma.sync
@@ -169,6 +176,10 @@ CANDIDATES_SM80: dict[str, list[KernelConfig]] = {
         KernelConfig(64, 64, 64, num_warps=8, num_stages=3),
     ],
     "wgrad": [KernelConfig(64, 64, 64, num_warps=4, num_stages=3)],
+    "proj": [
+        KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+        KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
+    ],
 }
 
 

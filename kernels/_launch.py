@@ -244,7 +244,12 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
         R = U.shape[-1]
         C = R + R * R if G is not None else R
         proj = _alloc((M, C), torch.float32, dev)
-        plan_proj(x, V, G, proj, rows, config_for("proj", M, item, arch=arch)).run()
+
+        def proj_plans(cfg):
+            return [plan_proj(x, V, G, proj, rows, cfg)]
+
+        cfg = config_for("proj", M, item, arch=arch, key=(Kd, C, rows.grouped), bench=_bench_fn(proj_plans, dev))
+        proj_plans(cfg)[0].run()
         if G is not None:
             z = _alloc((M, R), torch.float32, dev)
             plan_z(proj, z, rows, R).run()
@@ -388,27 +393,34 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
         # skip gate without dx (x frozen): one reduction, no kernel of its own
         dskip = (dy.float() * x.float()).sum(1)
 
-    # 3. weight gradients
-    cfg = config_for("wgrad", M, item, arch=arch)
+    # 3. weight gradients: each GEMM is tuned on its own key (their shapes differ: [N, K], [N, r],
+    # [C, K]); every output element is written once, so a tuning relaunch is idempotent
+    def wgrad(L, Rm, rs, out, ls, *, A, B, per_task, r_scale=1.0):
+        def plans(cfg):
+            return [plan_wgrad(L, Rm, rs, out, ls, rows, cfg, A=A, B=B, per_task=per_task, r_scale=r_scale)]
+
+        cfg = config_for("wgrad", M, item, arch=arch, key=(A, B, per_task, rows.grouped, ls is not None),
+                         bench=_bench_fn(plans, dev))
+        plans(cfg)[0].run()
+
     lsum = None
     dW, dU, db = empty(), empty(), empty()
     if need_dw:
         dW = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
         lsum = torch.empty((T if weight.dim() == 3 else 1, N), dtype=torch.float32, device=dev) if need_db else None
-        plan_wgrad(dpre, x, rowscale, dW, lsum, rows, cfg, A=N, B=Kd, per_task=weight.dim() == 3).run()
+        wgrad(dpre, x, rowscale, dW, lsum, A=N, B=Kd, per_task=weight.dim() == 3)
     if need_du:
         dU = torch.empty(U.shape, dtype=U.dtype, device=dev)
         ls = None
         if need_db and lsum is None:
             ls = lsum = torch.empty((T if U.dim() == 3 else 1, N), dtype=torch.float32, device=dev)
-        plan_wgrad(dpre, zz, rowscale, dU, ls, rows, cfg, A=N, B=R, per_task=U.dim() == 3,
-                   r_scale=scaling).run()
+        wgrad(dpre, zz, rowscale, dU, ls, A=N, B=R, per_task=U.dim() == 3, r_scale=scaling)
     if need_db:
         if lsum is None:
             # no weight GEMM ran: a column-sum pass over dpre (B = 1 column of x as a dummy)
             lsum = torch.empty((1, N), dtype=torch.float32, device=dev)
             scratch = torch.empty((1, N, 1), dtype=torch.float32, device=dev)
-            plan_wgrad(dpre, x, rowscale, scratch, lsum, rows, cfg, A=N, B=1, per_task=False).run()
+            wgrad(dpre, x, rowscale, scratch, lsum, A=N, B=1, per_task=False)
         db = lsum.sum(0).to(bias.dtype)
     dV, dG = empty(), empty()
     if need_r:
@@ -416,7 +428,7 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
         Tu = U.shape[0] if U.dim() == 3 else 1
         dvg = torch.empty((Tu, C, Kd), dtype=torch.float32, device=dev)
         if M > 0:
-            plan_wgrad(dproj, x, None, dvg, None, rows, cfg, A=C, B=Kd, per_task=U.dim() == 3).run()
+            wgrad(dproj, x, None, dvg, None, A=C, B=Kd, per_task=U.dim() == 3)
         else:
             dvg.zero_()
         lead = V.shape[:-2]

@@ -35,7 +35,7 @@ def _fake_bench(winner: KernelConfig, calls: list):
     return bench
 
 
-@pytest.mark.parametrize("name", ["fwd", "dx"])
+@pytest.mark.parametrize("name", ["fwd", "dx", "wgrad", "proj"])
 def test_autotuning_keeps_the_fastest_candidate_per_bucketed_key(tuning, name):
     cands = candidates(name, 90)
     winner = cands[-1]

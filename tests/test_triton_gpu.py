@@ -299,8 +299,9 @@ def test_out_of_range_tasks_get_the_dropped_rows_output(dev):
 
 
 def test_autotuned_configs_against_float64(dev, monkeypatch):
-    """TARP_FAST_AUTOTUNE=1: the forward and dx kernels time their candidates (TMA ones among
-    them on Hopper) on the first call of a key, and the configs they keep are correct."""
+    """TARP_FAST_AUTOTUNE=1: the forward, pre-pass, dx and weight-gradient kernels time their
+    candidates (TMA ones among them on Hopper) on the first call of a key, and the configs they
+    keep are correct."""
     from tarp_fast.kernels import _configs
 
     monkeypatch.setenv("TARP_FAST_AUTOTUNE", "1")
@@ -310,7 +311,7 @@ def test_autotuned_configs_against_float64(dev, monkeypatch):
         for T in (None, 3):
             a, kw = _case(dev, M=1000, K=512, N=512, r=16, T=T, q=0)
             _compare(a, kw, torch.bfloat16)
-        assert {k[0] for k in _configs._tuned} == {"fwd", "dx"}, _configs._tuned
+        assert {k[0] for k in _configs._tuned} == {"fwd", "dx", "proj", "wgrad"}, _configs._tuned
     finally:
         _configs._tuned.clear()
         _configs._tuned.update(saved)

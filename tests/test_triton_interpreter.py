@@ -446,7 +446,7 @@ def test_deterministic_bitwise():
         assert torch.equal(u, v)
 
 
-@pytest.mark.parametrize("kernel,idx", [(k, i) for k in ("fwd", "dx", "wgrad") for i in range(len(CANDIDATES[k]))])
+@pytest.mark.parametrize("kernel,idx", [(k, i) for k in ("fwd", "dx", "wgrad", "proj") for i in range(len(CANDIDATES[k]))])
 def test_every_candidate_config(kernel, idx):
     """Each autotuning candidate is correct (its compile is checked by the compile tier)."""
     a, kw = make_case(M=70, K=40, N=40, r=4, T=2, gate="row", skip="row", activation="relu", seed=13)
