@@ -239,7 +239,8 @@ def main(argv=None, *, device=None, timer=None) -> int:
                       met=eight / one <= 1.15))
 
     # the row schedule alone (sort + tile table of one tile height), as a fraction of the
-    # unskipped forward: the Triton kernels (default) against the torch-ops version
+    # unskipped forward: the Triton kernels (default) against the torch-ops version and, where
+    # the extension has them, the CUDA helpers
     from tarp_fast.kernels import _schedule as S
 
     drop_gate = (torch.rand(M, device=dev, generator=torch.Generator(device=dev).manual_seed(3)) < 0.5).float()
@@ -248,6 +249,8 @@ def main(argv=None, *, device=None, timer=None) -> int:
         "torch": lambda task, g: S.tile_table(S.row_groups(M, 8, task, None if g is None else g == 0, dev)[1],
                                               M, 8, 128),
     }
+    if dev.type == "cuda" and S.cuda_helpers_built():  # the extension's counting sort (TARP_FAST_CUDA_HELPERS=1)
+        builders["cuda_helpers"] = lambda task, g: S.tile_table_triton(S.row_groups_cuda(M, 8, task, g)[1], M, 8, 128)
     for label, task, g in (("8 tasks", ti, None), ("8 tasks + hard skip", ti, drop_gate)):
         for prov, build in builders.items():
             ms = bench(lambda build=build, task=task, g=g: build(task, g))
