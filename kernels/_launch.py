@@ -95,7 +95,7 @@ def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows
     drop_gate = gate if (hard_skip and gate is not None) else None
     if use_cuda_helpers(device):
         perm, seg_off = row_groups_cuda(M, T, task_index, drop_gate)
-    elif triton_schedule_fits(T):
+    elif triton_schedule_fits(T, M):
         perm, seg_off = row_groups_triton(M, T, task_index, drop_gate)
     else:
         perm, seg_off = row_groups(M, T, task_index, None if drop_gate is None else drop_gate == 0, device)

@@ -133,9 +133,17 @@ def row_groups_cuda(
     return perm.to(torch.int32), seg_off.to(torch.int32)
 
 
-def triton_schedule_fits(T: int) -> bool:
-    """Whether the Triton schedule kernels take ``T`` tasks (their key bins hold ``T + 2``)."""
-    return T + 2 <= SK.MAX_BINS
+#: the scan of the counting sort runs in one program, SCAN_BLOCK histogram entries a step
+SCAN_BLOCK = 1024
+#: above this many histogram entries ((T + 1) * chunks) that single program would take longer
+#: than torch's multi-block sort, which serves instead (T = 8: up to 7.3M rows; T = 1000: 67K)
+MAX_SCAN = 64 * SCAN_BLOCK
+
+
+def triton_schedule_fits(T: int, M: int = 0) -> bool:
+    """Whether the Triton sort takes ``T`` tasks and ``M`` rows (its key bins hold ``T + 2``, its
+    one-program scan ``(T + 1) * chunks`` entries); the tile-table kernel needs only the first."""
+    return T + 2 <= SK.MAX_BINS and (T + 1) * triton.cdiv(M, sort_chunk(M)) <= MAX_SCAN
 
 
 def _key_bins(T: int) -> int:
@@ -154,7 +162,7 @@ def plan_row_groups(M: int, T: int, task_index: Optional[torch.Tensor], gate: Op
         Launch(SK._sched_hist_kernel, (chunks,), dict(keys, hist_ptr=hist), dict(flags, NBP=_key_bins(T)),
                num_warps=4, num_stages=1, name="sched_hist"),
         Launch(SK._sched_scan_kernel, (1,), dict(hist_ptr=hist, seg_off_ptr=seg_off, n=(T + 1) * chunks,
-                                                 num_chunks=chunks, M=M, T=T), dict(BLOCK=256),
+                                                 num_chunks=chunks, M=M, T=T), dict(BLOCK=SCAN_BLOCK),
                num_warps=4, num_stages=1, name="sched_scan"),
         Launch(SK._sched_scatter_kernel, (chunks,), dict(keys, hist_ptr=hist, perm_ptr=perm), flags,
                num_warps=4, num_stages=1, name="sched_scatter"),
@@ -169,10 +177,9 @@ def row_groups_triton(
     ``task_index`` ``[M]`` int64 or None; ``gate`` ``[M]`` (the row gate under ``hard_skip``: rows
     with ``gate == 0`` are dropped) or None. No host sync: every size is known on the host.
     """
-    if not triton_schedule_fits(T):
-        raise ValueError(f"row_groups_triton: at most {SK.MAX_BINS - 2} tasks, got T={T}")
-    if M >= 2**31:
-        raise ValueError(f"row_groups_triton: needs M < 2**31 rows, got M={M}")
+    if not triton_schedule_fits(T, M):
+        raise ValueError(f"row_groups_triton: at most {SK.MAX_BINS - 2} tasks and (T + 1) * cdiv(M, 1024) <= "
+                         f"{MAX_SCAN}, got T={T}, M={M}")
     device = (task_index if task_index is not None else gate).device
     perm = alloc((M,), torch.int32, device)
     seg_off = alloc((T + 2,), torch.int32, device)

@@ -84,3 +84,16 @@ def test_the_launchers_pass_no_bench_off_cuda():
     from tarp_fast.kernels._launch import _bench_fn
 
     assert _bench_fn(lambda cfg: [], torch.device("cpu")) is None
+
+
+def test_which_schedule_serves_a_call():
+    """The Triton sort takes up to 1022 tasks and a one-program scan of at most MAX_SCAN
+    histogram entries; larger calls use torch's sort (the tile-table kernel only needs T)."""
+    from tarp_fast.kernels import _schedule as S
+
+    assert S.triton_schedule_fits(1022, 1000) and not S.triton_schedule_fits(1023, 1000)
+    assert S.triton_schedule_fits(8, 7_000_000) and not S.triton_schedule_fits(8, 8_000_000)
+    assert S.triton_schedule_fits(1000, 65_000) and not S.triton_schedule_fits(1000, 100_000)
+    assert S.triton_schedule_fits(5, 0)
+    with pytest.raises(ValueError, match="T=1000, M=100000"):
+        S.row_groups_triton(100_000, 1000, torch.zeros(100_000, dtype=torch.int64), None)

@@ -546,12 +546,13 @@ def test_row_schedule_is_compact(impl):
     (0, 3, "tasks"), (1, 1, "tasks"), (1, 3, "drop"), (50, 1, "drop"), (50, 3, "tasks+drop"),
     (130, 9, "out-of-range"), (77, 300, "tasks"), (1100, 5, "tasks+drop"),
 ])
-def test_triton_schedule_equals_the_torch_schedule(M, T, mode):
+def test_triton_schedule_equals_the_torch_schedule(M, T, mode, monkeypatch):
     """The Triton counting sort and tile table give exactly the torch-ops schedule: ``perm``
     (stable: rows of a task in row order), ``seg_off`` and the tile table for two tile heights.
     Covers no rows, one row, chunks of 128 (M <= 128) and of 1024 (two chunks at M = 1100), 300
     tasks (512 key bins; the scan runs over two blocks and the tile table over 39 programs), and
     task indices out of range, which both count as dropped."""
+    monkeypatch.setattr(_schedule, "SCAN_BLOCK", 256)  # so that 300 tasks take a two-block scan
     g = torch.Generator().manual_seed(M * 31 + T)
     ti = torch.randint(0, T, (M,), generator=g) if "drop" != mode else None
     if mode == "out-of-range":
