@@ -274,17 +274,22 @@ def config_for(
 
     ``rank`` > 16 selects the ``-wide`` default of the class where there is one; ``arch`` < 90
     takes the sm_80 table where it differs.
-    Order: an active :func:`use_config` override; else, with autotuning on and a ``bench``
-    callable (the launcher passes one only on CUDA outside graph capture), the fastest candidate
-    for ``(name, bucket(M), itemsize) + key``; else the deterministic default of the shape class.
+    Order: an active :func:`use_config` override; else, with autotuning on, the fastest candidate
+    for ``(name, bucket(M), itemsize) + key`` (timed with ``bench`` on the key's first call; the
+    launcher passes one only on CUDA outside graph capture, and without one an earlier choice
+    still applies); else the deterministic default of the shape class.
     """
     if name in _override:
         return _override[name]
     default = default_config(name, shape_class(M, itemsize), rank=rank, arch=arch)
     # fp32 operands keep their defaults: the 16-bit candidates would overflow shared memory.
-    if bench is None or not autotune_enabled() or not candidates(name, arch) or itemsize >= 4:
+    if not autotune_enabled() or not candidates(name, arch) or itemsize >= 4:
         return default
     tkey = (name, _bucket(M), itemsize, arch) + tuple(key)
+    if bench is None:
+        # nothing can be timed (CUDA-graph capture): a choice made earlier still applies, so a
+        # captured graph runs the configs its eager warm-up tuned
+        return _tuned.get(tkey, default)
     if tkey not in _tuned:
         cands = list(dict.fromkeys([default] + candidates(name, arch)))
         timings = [(bench(c), i, c) for i, c in enumerate(cands)]

@@ -72,6 +72,16 @@ def test_no_tuning_without_the_switch_for_fp32_or_without_a_bench(tuning, monkey
     assert calls == []
 
 
+def test_a_tuned_choice_applies_where_nothing_can_be_timed(tuning):
+    """Under CUDA-graph capture the launchers pass no bench: the capture must run the configs
+    its eager warm-up tuned, not the defaults."""
+    winner = candidates("fwd", 90)[-1]
+    key = dict(arch=90, key=(4096, 4096, 16, False))
+    assert config_for("fwd", 700, 2, bench=None, **key) == default_config("fwd", "large16", arch=90)
+    assert config_for("fwd", 700, 2, bench=_fake_bench(winner, []), **key) == winner
+    assert config_for("fwd", 700, 2, bench=None, **key) == winner
+
+
 def test_an_override_wins_over_tuning(tuning):
     forced = KernelConfig(16, 16, 16, num_warps=1)
     calls = []

@@ -207,18 +207,25 @@ def test_tma_configs_against_float64(dev, tasks, tf32_off):
         _compare(a, kw, torch.float32)
 
 
-@pytest.mark.parametrize("tma", [False, True])
-def test_cuda_graph_capture(dev, tma):
+@pytest.mark.parametrize("configs", ["default", "tma", "autotuned"])
+def test_cuda_graph_capture(dev, configs, monkeypatch):
     """Forward and backward replay from a CUDA graph equal eager: no host sync in the op (also
-    with TMA descriptors, which travel as kernel parameters)."""
+    with TMA descriptors, which travel as kernel parameters, and with autotuning on: the eager
+    warm-up tunes, the capture runs what it chose)."""
     import contextlib
 
-    from tarp_fast.kernels import KernelConfig, tarp_linear_triton, use_config
+    from tarp_fast.kernels import KernelConfig, _configs, tarp_linear_triton, use_config
 
-    cfg = use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True)) if tma else (
-        contextlib.nullcontext())
-    with cfg:
+    ctx = contextlib.nullcontext()
+    if configs == "tma":
+        ctx = use_config(fwd=KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True))
+    if configs == "autotuned":
+        monkeypatch.setenv("TARP_FAST_AUTOTUNE", "1")
+        monkeypatch.setattr(_configs, "_tuned", {})
+    with ctx:
         _graph_equals_eager(dev, tarp_linear_triton)
+    if configs == "autotuned":
+        assert _configs._tuned
 
 
 def _graph_equals_eager(dev, tarp_linear_triton):
