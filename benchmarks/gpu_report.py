@@ -187,7 +187,15 @@ def main(argv=None, *, device=None, timer=None) -> int:
     else:
         bench = timer
 
-    rows, goals = [], []
+    class _Printed(list):
+        """A list of result rows that also prints each one as it is added, so a run cut short
+        (a time limit) still leaves every figure measured so far in its log."""
+
+        def append(self, item):
+            super().append(item)
+            print(json.dumps(item, default=str), flush=True)
+
+    rows, goals = _Printed(), _Printed()
     for r in ranks:
         inp = _inputs(M, K, N, r, dtype, dev)
         ek, ee = _check(inp)

@@ -9,6 +9,10 @@
 # (pip --no-deps --no-build-isolation), so it works offline. Results, logs and the versions go
 # to $OUT (default: benchmarks/results/gpu-<date>); copy them to benchmarks/results/ and commit.
 set -u
+# Logs are written as the tests run (unbuffered, one line per test), and each step has its own
+# time limit, so a stage that runs long still leaves its results under $OUT before the device
+# call's 10-minute limit.
+export PYTHONUNBUFFERED=1
 stage=${1:-}
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d)}
@@ -34,25 +38,25 @@ case "$stage" in
     "$PY" -c "import json, tarp_fast; print(json.dumps(tarp_fast.ext_info(), indent=1, default=str))" \
       > "$OUT/ext_info.json" 2>&1
     record "ext_info written"
-    "$PY" -m pytest tests -m "gpu or native" -q -p no:cacheprovider -rs > "$OUT/pytest_gpu.log" 2>&1
+    timeout 330 "$PY" -m pytest tests -m "gpu or native" -v -p no:cacheprovider -rs > "$OUT/pytest_gpu.log" 2>&1
     record "GPU + native test tier exit $? ($(tail -n 1 "$OUT/pytest_gpu.log"))"
     # the Triton GPU tier again with the row schedule from the extension's CUDA helpers (opt-in
     # until this has passed on a GPU: README, "The native extension")
-    TARP_FAST_CUDA_HELPERS=1 "$PY" -m pytest tests/test_triton_gpu.py -q -p no:cacheprovider -rs \
+    TARP_FAST_CUDA_HELPERS=1 timeout 150 "$PY" -m pytest tests/test_triton_gpu.py -v -p no:cacheprovider -rs \
       > "$OUT/pytest_gpu_cuda_helpers.log" 2>&1
     record "GPU tier with TARP_FAST_CUDA_HELPERS=1 exit $? ($(tail -n 1 "$OUT/pytest_gpu_cuda_helpers.log"))"
     ;;
   report)
     environment
-    "$PY" benchmarks/gpu_report.py --out "$OUT" > "$OUT/gpu_report.log" 2>&1
+    timeout 420 "$PY" benchmarks/gpu_report.py --out "$OUT" > "$OUT/gpu_report.log" 2>&1
     record "gpu_report exit $?"
-    "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k "cuda or llm or tams" \
+    timeout 120 "$PY" -m pytest benchmarks -q -p no:cacheprovider --benchmark-only -k "cuda or llm or tams" \
       --benchmark-json "$OUT/benchmarks.json" > "$OUT/benchmarks.log" 2>&1
     record "benchmarks exit $? ($(tail -n 1 "$OUT/benchmarks.log"))"
     ;;
   tuned)
     environment
-    "$PY" benchmarks/gpu_report.py --autotune --out "$OUT" > "$OUT/gpu_report_autotuned.log" 2>&1
+    timeout 560 "$PY" benchmarks/gpu_report.py --autotune --out "$OUT" > "$OUT/gpu_report_autotuned.log" 2>&1
     record "gpu_report --autotune exit $?"
     ;;
   *)
