@@ -2,25 +2,26 @@
 
 ``hard_skip`` and ``task_index`` are served by one mechanism. Each row gets a key: its task
 (``0`` without ``task_index``), or ``T`` when ``hard_skip`` drops it (``gate == 0``). A stable sort
-of the keys gives ``perm`` (rows in key order) and ``torch.searchsorted`` gives the segment offsets
-``seg_off [T + 2]`` (segment ``s`` is ``perm[seg_off[s]:seg_off[s+1]]``; ``s = T`` are the dropped
-rows). Row tiles are then cut per segment, so a tile holds one task (the factors are a pointer
+of the keys gives ``perm`` (rows in key order) and the segment offsets ``seg_off [T + 2]``
+(segment ``s`` is ``perm[seg_off[s]:seg_off[s+1]]``; ``s = T`` are the dropped rows). Row tiles
+are then cut per segment (the tile table), so a tile holds one task (the factors are a pointer
 offset) and the tiles of the dropped segment do no matmul: the matmul work is proportional to the
 number of kept rows, up to one partially filled tile per segment.
 
-Everything is built from device-side torch ops with sizes known on the host (``M``, ``T``, the tile
-height), so there is no host synchronization and the schedule can be captured in a CUDA graph.
+Everything runs on the device with sizes known on the host (``M``, ``T``, the tile height), so
+there is no host synchronization and the schedule can be captured in a CUDA graph.
 The number of row tiles launched is the bound ``cdiv(M, BM) + T`` (``T + 1`` segments each add at
 most one partial tile); surplus programs find an empty tile and exit.
 
 Three implementations of ``(perm, seg_off)``, all with the same output:
 
-* :func:`row_groups_triton` (the default for ``T + 2 <= 1024``): four small Triton kernels
+* :func:`row_groups_triton` (the default where :func:`triton_schedule_fits`: up to 1022 tasks
+  and 64K histogram entries): four small Triton kernels
   (:mod:`._schedule_kernels`: histogram, scan, scatter, and the tile table), in place of the ~30
   launches the torch-ops version takes; the schedule is on the critical path of every grouped
   call, and at the goal shape those launches cost more than the hard-skip goal's 5% margin.
-* :func:`row_groups` (torch's sort and searchsorted, any device): more tasks than the Triton
-  kernels' bins, and the oracle of the tests.
+* :func:`row_groups` (torch's sort and searchsorted, any device): the calls too large for the
+  Triton kernels, and the oracle of the tests.
 * :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
   ``tarp_fast::compact_rows``). :func:`use_cuda_helpers` picks it only with
   ``TARP_FAST_CUDA_HELPERS=1`` (which also sums a per-task gate's gradient with
@@ -53,6 +54,7 @@ SORT_CHUNK = 1024
 
 def sort_chunk(M: int) -> int:
     return min(SORT_CHUNK, max(128, triton.next_power_of_2(max(M, 1))))
+
 
 _helpers_built: Optional[bool] = None
 
@@ -172,7 +174,7 @@ def plan_row_groups(M: int, T: int, task_index: Optional[torch.Tensor], gate: Op
 def row_groups_triton(
     M: int, T: int, task_index: Optional[torch.Tensor], gate: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`row_groups` by the Triton counting sort (same outputs; ``T + 2 <= 1024``).
+    """:func:`row_groups` by the Triton counting sort (same outputs, where :func:`triton_schedule_fits`).
 
     ``task_index`` ``[M]`` int64 or None; ``gate`` ``[M]`` (the row gate under ``hard_skip``: rows
     with ``gate == 0`` are dropped) or None. No host sync: every size is known on the host.
@@ -203,7 +205,7 @@ def plan_tile_table(seg_off: torch.Tensor, T: int, BM: int, tile_seg: torch.Tens
 
 
 def tile_table_triton(seg_off: torch.Tensor, M: int, T: int, BM: int):
-    """:func:`tile_table` in one Triton launch (same outputs; ``T + 2 <= 1024``)."""
+    """:func:`tile_table` in one Triton launch (same outputs; ``T + 2 <= 1024``, any ``M``)."""
     num = max_row_tiles(M, T, BM)
     out = [alloc((num,), torch.int32, seg_off.device) for _ in range(3)]
     plan_tile_table(seg_off, T, BM, *out).run()

@@ -19,8 +19,9 @@ more than the hard-skip and multi-task goals allow. These four kernels do it in 
    segment and ``[start, end)`` in ``perm``; tiles past the real count get an empty range.
 
 Sizes: keys live in ``NBP = next_pow2(T + 2)`` bins (the extra bin holds the padding rows of the
-last chunk); the launcher takes this path for ``T + 2 <= MAX_BINS`` and the torch-ops schedule
-above that. Everything is int32 (``M < 2**31``).
+last chunk); the launcher takes this path for ``T + 2 <= MAX_BINS`` and at most 64K histogram
+entries (``_schedule.triton_schedule_fits``), the torch-ops schedule above that. Everything is
+int32.
 """
 
 import triton
