@@ -48,7 +48,7 @@ class KernelConfig:
     GROUP_M: int = 8
     #: load the GEMM operands of the forward / dx kernel with TMA tensor descriptors (sm_90+):
     #: the weight, and ``x`` / ``dpre`` when their rows are contiguous (no task grouping / hard
-    #: skip). The launcher falls back to pointer loads where TMA cannot serve (before sm_90, rows
+    #: skip); the pre-pass reads ``x`` so. The launcher falls back to pointer loads where TMA cannot serve (before sm_90, rows
     #: not a multiple of 16 bytes).
     tma: bool = False
 
@@ -159,6 +159,7 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
     # columns, 64-wide ones 320 but start twice as many programs per row tile)
     "proj": [
         KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        KernelConfig(128, 128, 64, num_warps=8, num_stages=3, tma=True),
         KernelConfig(128, 64, 64, num_warps=4, num_stages=3),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=4),
     ],

@@ -90,10 +90,10 @@ def _act_grad(pre, ACT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _tarp_proj_kernel(
-    x_ptr, v_ptr, g_ptr, proj_ptr,
+    x_ptr, v_ptr, g_ptr, proj_ptr, x_desc,
     perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
     M, K, T, num_m, num_c,
-    R: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr, GROUPED: tl.constexpr,
+    R: tl.constexpr, C: tl.constexpr, HAS_G: tl.constexpr, GROUPED: tl.constexpr, TMA_X: tl.constexpr,
     BM: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """``proj[m, c] = sum_k x[m, k] Wp_t[c, k]`` with ``Wp_t = [V_t; G_t]`` (``[C, K]``), fp32.
@@ -102,7 +102,7 @@ def _tarp_proj_kernel(
     programs of one row tile run side by side and read its ``x`` rows once from HBM (the rest
     from L2): ``x`` is the large operand here (``[M, K]`` against ``[C, K]``). Dropped rows
     (segment ``T``) are not computed; they get zeros (``proj`` is an op output: every element is
-    defined).
+    defined). ``TMA_X``: ``x`` (rows in order) through a TMA descriptor, block ``[BM, BK]``.
     """
     pid_m = tl.program_id(0) // num_c
     pid_c = tl.program_id(0) % num_c
@@ -127,7 +127,11 @@ def _tarp_proj_kernel(
         for k0 in range(0, K, BK):
             kk = k0 + offs_k
             kmask = kk < K
-            a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+            if TMA_X:
+                a = x_desc.load([pid_m * BM, k0])
+            else:
+                a = tl.load(x_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                            other=0.0)
             b = tl.load(w_rows[None, :] + kk[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
         tl.store(proj_ptr + rows[:, None] * C + offs_c[None, :], acc, mask=rmask[:, None] & cmask[None, :])

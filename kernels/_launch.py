@@ -130,12 +130,14 @@ def plan_proj(x, V, G, proj, rows: Rows, cfg: KernelConfig) -> Launch:
     sched, num_m = _sched_args(rows, cfg.BM)
     BC = min(cfg.BN, max(16, triton.next_power_of_2(C)))
     num_c = triton.cdiv(C, BC)
+    x_desc = _descriptor(x, cfg.BM, cfg.BK) if cfg.tma and not rows.grouped and _tma_can_serve(x) else None
     return Launch(
         K._tarp_proj_kernel, (num_m * num_c,),
-        dict(x_ptr=x, v_ptr=V, g_ptr=G, proj_ptr=proj, **sched, M=M, K=Kd, T=rows.T, num_m=num_m, num_c=num_c),
-        dict(R=R, C=C, HAS_G=G is not None, GROUPED=rows.grouped, BM=cfg.BM, BC=BC, BK=cfg.BK,
-             DOT_PREC=_dot_prec(x.dtype, x.device)),
-        cfg.num_warps, cfg.num_stages, name="proj",
+        dict(x_ptr=x, v_ptr=V, g_ptr=G, proj_ptr=proj, x_desc=x_desc, **sched, M=M, K=Kd, T=rows.T, num_m=num_m,
+             num_c=num_c),
+        dict(R=R, C=C, HAS_G=G is not None, GROUPED=rows.grouped, TMA_X=x_desc is not None, BM=cfg.BM, BC=BC,
+             BK=cfg.BK, DOT_PREC=_dot_prec(x.dtype, x.device)),
+        cfg.num_warps, cfg.num_stages, name="proj", tags=dict(tma_x=x_desc is not None),
     )
 
 

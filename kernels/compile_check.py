@@ -162,9 +162,11 @@ def build_plans(arch: int, quick: bool = False):
     for dt in (torch.bfloat16, f32):
         for cfg in configs("proj", dt):
             for r in ((16, 32) if dt == torch.bfloat16 else (16,)):
-                p = L.plan_proj(t(M, Kd, dtype=dt), t(T, r, Kd, dtype=dt), t(T, r * r, Kd, dtype=dt),
-                                t(M, r + r * r, dtype=f32), rows(True), cfg)
-                plans.append((f"{tag(dt)}-r{r}", _cfg_name(cfg), p))
+                for grouped in (True, False) if cfg.tma else (True,):  # ungrouped: x through TMA
+                    lead = (T,) if grouped else ()
+                    p = L.plan_proj(t(M, Kd, dtype=dt), t(*lead, r, Kd, dtype=dt), t(*lead, r * r, Kd, dtype=dt),
+                                    t(M, r + r * r, dtype=f32), rows(grouped), cfg)
+                    plans.append((f"{tag(dt)}-r{r}" + ("" if grouped else "-plain"), _cfg_name(cfg), p))
     for r in (1, 4, 16, 32):
         p = L.plan_z(t(M, r + r * r, dtype=f32), t(M, r, dtype=f32), rows(True), r)
         plans.append((f"r{r}", f"BMZ{p.constexprs['BMZ']}", p))

@@ -462,15 +462,15 @@ def test_every_candidate_config(kernel, idx):
 ])
 def test_tma_loads(dtype, layout, expect, monkeypatch):
     """``tma=True`` configs of the forward and dx kernels read their row operand (x / dpre) and
-    the weight through TMA descriptors where these can serve (checked through the launches'
-    tags) and give the reference's results and gradients every time."""
+    the weight, the pre-pass its x, through TMA descriptors where these can serve (checked through
+    the launches' tags) and give the reference's results and gradients every time."""
     from tarp_fast.kernels import _plan
 
     K = 36 if layout == "rows-not-16B" else 48
     tasks = dict(T=3, q=2) if layout == "tasks-per-task-weight" else {}
     a, kw = make_case(M=45, K=K, N=K, r=4, gate="row", skip="row", residual=True, activation="gelu_tanh",
                       seed=21, **tasks)
-    seen = {"fwd": set(), "dx": set()}
+    seen = {"fwd": set(), "dx": set(), "proj": set()}
     run_launch = _plan.Launch.run
 
     def spy(launch):
@@ -480,10 +480,11 @@ def test_tma_loads(dtype, layout, expect, monkeypatch):
 
     monkeypatch.setattr(_plan.Launch, "run", spy)
     tma = dict(num_warps=1, num_stages=1, tma=True)
-    with use_config(fwd=KernelConfig(16, 32, 16, **tma), dx=KernelConfig(16, 16, 32, **tma)):
+    with use_config(fwd=KernelConfig(16, 32, 16, **tma), dx=KernelConfig(16, 16, 32, **tma),
+                    proj=KernelConfig(16, 16, 16, **tma)):
         check_case(a, kw, dtype)
     want = expect if not (layout == "rows-not-16B" and dtype == torch.float32) else (True, True)
-    assert seen == {"fwd": {want}, "dx": {want}}, seen
+    assert seen == {"fwd": {want}, "dx": {want}, "proj": {want[:1]}}, seen
 
 
 def test_dispatch_through_ops():
