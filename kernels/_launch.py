@@ -164,13 +164,11 @@ def _tma_can_serve(t: torch.Tensor) -> bool:
     return aligned and t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and 0 < t.numel() < 2**31
 
 
-def _tma_descriptors(x, weight, rows: Rows, cfg: KernelConfig):
-    """``(x_desc, w_desc)`` for a forward tile config with ``cfg.tma`` (None where not used)."""
-    if not cfg.tma or not _tma_can_serve(weight):
-        return None, None
-    w_desc = _descriptor(weight, cfg.BN, cfg.BK)
-    x_desc = _descriptor(x, cfg.BM, cfg.BK) if not rows.grouped and _tma_can_serve(x) else None
-    return x_desc, w_desc
+def _tma_weight(weight: torch.Tensor, cfg: KernelConfig, n_tile: int) -> bool:
+    """Whether the weight goes through TMA: a per-task weight ``[T, N, K]`` only when no N tile of
+    ``n_tile`` rows straddles two tasks (a tile past N would read the next task's rows: harmless
+    times zeros unless those hold inf or NaN, and then it would leak into this task's sums)."""
+    return cfg.tma and _tma_can_serve(weight) and (weight.dim() == 2 or weight.shape[-2] % n_tile == 0)
 
 
 def _descriptor(t: torch.Tensor, rows: int, cols: int):
@@ -190,7 +188,8 @@ def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg:
     sched, num_m = _sched_args(rows, cfg.BM)
     num_n = triton.cdiv(N, cfg.BN)
     bwd = dy is not None
-    x_desc, w_desc = _tma_descriptors(x, weight, rows, cfg)
+    x_desc = _descriptor(x, cfg.BM, cfg.BK) if cfg.tma and not rows.grouped and _tma_can_serve(x) else None
+    w_desc = _descriptor(weight, cfg.BN, cfg.BK) if _tma_weight(weight, cfg, cfg.BN) else None
     return Launch(
         K._tarp_fwd_kernel, (num_m * num_n,),
         dict(x_ptr=x, w_ptr=weight, bias_ptr=bias, u_ptr=U, z_ptr=z, gate_ptr=gate, skip_ptr=skip,
@@ -280,9 +279,7 @@ def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_p
     C = proj.shape[1] if U is not None else 1
     sched, num_m = _sched_args(rows, cfg.BM)
     num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
-    # TMA where it serves; a per-task weight only when no N tile straddles two tasks (a tile
-    # past N would read the next task's rows, times dpre's zero columns: NaN if those hold inf)
-    tma_w = cfg.tma and need_dx and _tma_can_serve(weight) and (weight.dim() == 2 or N % cfg.BN == 0)
+    tma_w = need_dx and _tma_weight(weight, cfg, cfg.BN)
     tma_dp = cfg.tma and not rows.grouped and _tma_can_serve(dp)
     dp_desc = _descriptor(dp, cfg.BM, cfg.BN) if tma_dp else None
     w_desc = _descriptor(weight, cfg.BN, cfg.BK) if tma_w else None

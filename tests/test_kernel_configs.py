@@ -107,3 +107,16 @@ def test_which_schedule_serves_a_call():
     assert S.triton_schedule_fits(5, 0)
     with pytest.raises(ValueError, match="T=1000, M=100000"):
         S.row_groups_triton(100_000, 1000, torch.zeros(100_000, dtype=torch.int64), None)
+
+
+def test_tma_weight_needs_aligned_rows_and_whole_task_tiles():
+    """A per-task weight goes through TMA only when no N tile straddles two tasks; rows must be a
+    multiple of 16 bytes; a config without tma never does."""
+    from tarp_fast.kernels._launch import _tma_weight
+
+    tma = KernelConfig(16, 16, 16, tma=True)
+    w3 = torch.zeros(3, 48, 40, dtype=torch.float16)
+    assert _tma_weight(w3, tma, 16) and not _tma_weight(w3, tma, 32)
+    assert _tma_weight(torch.zeros(48, 40, dtype=torch.float16), tma, 32)  # one weight: any tile
+    assert not _tma_weight(torch.zeros(48, 36, dtype=torch.float16), tma, 16)  # 72-byte rows
+    assert not _tma_weight(w3, KernelConfig(16, 16, 16), 16)

@@ -480,7 +480,7 @@ def test_tma_loads(dtype, layout, expect, monkeypatch):
 
     monkeypatch.setattr(_plan.Launch, "run", spy)
     tma = dict(num_warps=1, num_stages=1, tma=True)
-    with use_config(fwd=KernelConfig(16, 32, 16, **tma), dx=KernelConfig(16, 16, 32, **tma),
+    with use_config(fwd=KernelConfig(16, 16, 16, **tma), dx=KernelConfig(16, 16, 32, **tma),
                     proj=KernelConfig(16, 16, 16, **tma)):
         check_case(a, kw, dtype)
     want = expect if not (layout == "rows-not-16B" and dtype == torch.float32) else (True, True)
