@@ -252,15 +252,27 @@ def main(argv=None, *, device=None, timer=None) -> int:
     from tarp_fast.kernels import _schedule as S
 
     drop_gate = (torch.rand(M, device=dev, generator=torch.Generator(device=dev).manual_seed(3)) < 0.5).float()
+
+    def schedule(row_groups, tile_table):
+        def build(task, g):
+            perm, seg_off = row_groups(task, g)
+            return perm, seg_off, tile_table(seg_off, M, 8, 128)
+
+        return build
+
     builders = {
-        "triton": lambda task, g: S.tile_table_triton(S.row_groups_triton(M, 8, task, g)[1], M, 8, 128),
-        "torch": lambda task, g: S.tile_table(S.row_groups(M, 8, task, None if g is None else g == 0, dev)[1],
-                                              M, 8, 128),
+        "triton": schedule(lambda task, g: S.row_groups_triton(M, 8, task, g), S.tile_table_triton),
+        "torch": schedule(lambda task, g: S.row_groups(M, 8, task, None if g is None else g == 0, dev), S.tile_table),
     }
     if dev.type == "cuda" and S.cuda_helpers_built():  # the extension's counting sort (TARP_FAST_CUDA_HELPERS=1)
-        builders["cuda_helpers"] = lambda task, g: S.tile_table_triton(S.row_groups_cuda(M, 8, task, g)[1], M, 8, 128)
+        builders["cuda_helpers"] = schedule(lambda task, g: S.row_groups_cuda(M, 8, task, g), S.tile_table_triton)
     for label, task, g in (("8 tasks", ti, None), ("8 tasks + hard skip", ti, drop_gate)):
+        want = builders["torch"](task, g)
         for prov, build in builders.items():
+            perm, seg_off, table = build(task, g)  # the same schedule, element for element, before timing
+            if not (torch.equal(perm, want[0]) and torch.equal(seg_off, want[1])
+                    and all(torch.equal(a, b) for a, b in zip(table[:3], want[2][:3]))):
+                raise AssertionError(f"gpu_report: the {prov} row schedule differs from torch's ({label})")
             ms = bench(lambda build=build, task=task, g=g: build(task, g))
             rows.append(dict(section=f"schedule ({label})", r=r, mode="fwd", provider=prov, ms=ms,
                              ratio_to_unskipped=ms / full))
