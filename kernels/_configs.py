@@ -46,10 +46,10 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
-    #: load the GEMM operands of the forward / dx kernel with TMA tensor descriptors (sm_90+):
-    #: the weight, and ``x`` / ``dpre`` when their rows are contiguous (no task grouping / hard
-    #: skip); the pre-pass reads ``x`` so. The launcher falls back to pointer loads where TMA cannot serve (before sm_90, rows
-    #: not a multiple of 16 bytes).
+    #: read the GEMM operands through TMA tensor descriptors (sm_90+): in the forward and dx
+    #: kernels the weight, and ``x`` / ``dpre`` when their rows are contiguous (no task grouping,
+    #: no hard skip); in the pre-pass ``x``. The launcher uses pointer loads where TMA cannot
+    #: serve (before sm_90, rows not a multiple of 16 bytes).
     tma: bool = False
 
 

@@ -182,10 +182,12 @@ def row_groups_triton(
     if not triton_schedule_fits(T, M):
         raise ValueError(f"row_groups_triton: at most {SK.MAX_BINS - 2} tasks and (T + 1) * cdiv(M, 1024) <= "
                          f"{MAX_SCAN}, got T={T}, M={M}")
+    if task_index is None and gate is None:
+        raise ValueError("row_groups_triton: needs task_index or a gate (nothing to group otherwise)")
     device = (task_index if task_index is not None else gate).device
     perm = alloc((M,), torch.int32, device)
     seg_off = alloc((T + 2,), torch.int32, device)
-    hist = alloc(((T + 1) * triton.cdiv(M, sort_chunk(M)),), torch.int32, device)
+    hist = alloc(((T + 1) * triton.cdiv(M, sort_chunk(M)),), torch.int32, device)  # chunks as in the plan
     for launch in plan_row_groups(M, T, task_index, None if gate is None else gate.contiguous(), perm, seg_off,
                                   hist):
         launch.run()

@@ -107,6 +107,8 @@ def test_which_schedule_serves_a_call():
     assert S.triton_schedule_fits(5, 0)
     with pytest.raises(ValueError, match="T=1000, M=100000"):
         S.row_groups_triton(100_000, 1000, torch.zeros(100_000, dtype=torch.int64), None)
+    with pytest.raises(ValueError, match="needs task_index or a gate"):
+        S.row_groups_triton(10, 1, None, None)
 
 
 def test_tma_weight_needs_aligned_rows_and_whole_task_tiles():
