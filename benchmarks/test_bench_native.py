@@ -15,7 +15,9 @@ Each benchmark first asserts the native output and every gradient against the fl
 then pytest-benchmark times the native step, and finally both providers are timed *interleaved*
 (native, reference, native, ...) in the same run, so machine load hits both alike; the medians
 and ``speedup_vs_reference = reference / native`` go to ``benchmark.extra_info`` (printed at the
-end of the run by ``benchmarks/conftest.py``).
+end of the run by ``benchmarks/conftest.py``). Plain calls also time, in the same round-robin,
+the GEMMs of the math alone (``_gemm_floor``): ``reference_over_gemm_floor`` is the largest
+speedup over the reference that any implementation on the same BLAS could show at that shape.
 """
 
 from __future__ import annotations
@@ -155,6 +157,38 @@ def interleaved_medians(fns, budget_s=0.4, max_reps=200, min_reps=5):
     return [statistics.median(t) for t in times]
 
 
+def _gemm_floor(shape, train):
+    """The matrix products of one plain call (one task, no flags), and nothing else.
+
+    Forward: the base ``x Wᵀ + b`` [M, K, N], the projection ``x [V; G]ᵀ`` [M, K, R] (R = r + r²,
+    on a pre-stacked ``[V; G]``, so no copy is timed) and the delta ``z Uᵀ`` [M, r, N]. Backward
+    (``train``, base frozen): ``dpre W`` [M, N, K], ``Uᵀ dpreᵀ`` [r, N, M], ``zᵀ dpre`` (dU) [r, M, N],
+    ``dprojᵀ x`` (dV, dG) [R, M, K] and ``dproj [V; G]`` (dx) [M, R, K]. The reference and the
+    native op both run every one of these through the same BLAS, so ``reference / floor`` bounds
+    the speedup that any implementation on these GEMMs can reach at this shape.
+    """
+    M, K, N, r = shape
+    R = r + r * r
+    inp = _inputs(shape)
+    x, W, b, U, dy = inp["x"], inp["weight"], inp["bias"], inp["U"], inp["dy"]
+    VG = torch.cat([inp["V"], inp["G"]])
+    g = torch.Generator().manual_seed(2)
+    z, dproj = torch.randn(M, r, generator=g), torch.randn(M, R, generator=g)
+
+    def run():
+        pre = torch.addmm(b, x, W.t())
+        torch.mm(x, VG.t())
+        pre.addmm_(z, U.t())
+        if train:
+            dx = torch.mm(dy, W)
+            torch.mm(U.t(), dy.t())
+            torch.mm(z.t(), dy)
+            torch.mm(dproj.t(), x)
+            dx.addmm_(dproj, VG)
+
+    return run
+
+
 def _bench(benchmark, shape, mode, epilogue=None, factors=None):
     train = mode == "fwd+bwd"
     flags = _flags(epilogue, shape) if epilogue else None
@@ -170,9 +204,14 @@ def _bench(benchmark, shape, mode, epilogue=None, factors=None):
     if getattr(benchmark, "disabled", False):
         return
     ref_run = _step(reference.tarp_linear, _inputs(shape, **layout), train, flags)
-    t_nat, t_ref = interleaved_medians([native_run, ref_run])
+    plain = epilogue is None and factors is None
+    runs = [native_run, ref_run] + ([_gemm_floor(shape, train)] if plain else [])
+    t_nat, t_ref, *t_floor = interleaved_medians(runs)
     benchmark.extra_info.update(native_ms=round(t_nat * 1e3, 4), reference_ms=round(t_ref * 1e3, 4))
     benchmark.extra_info["speedup_vs_reference_ratio"] = round(t_ref / t_nat, 3)
+    if t_floor:  # the GEMMs alone: how far any implementation on this BLAS could go
+        benchmark.extra_info["gemm_floor_ms"] = round(t_floor[0] * 1e3, 4)
+        benchmark.extra_info["reference_over_gemm_floor_ratio"] = round(t_ref / t_floor[0], 3)
 
 
 @pytest.mark.parametrize("mode", MODES)
