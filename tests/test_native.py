@@ -463,3 +463,30 @@ def test_tarplinear_module_on_native_backend_trains():
     for a, b in zip(gn, gr):
         torch.testing.assert_close(a, b)
     assert math.isfinite(float(y_n.detach().sum()))
+
+
+def test_benchmark_table_from_a_real_run(tmp_path):
+    """``benchmarks/native_table.py`` on the JSON of a real (one-shape) benchmark run: every figure
+    the README's table quotes is in it (ratio, GEMM floor, reference / floor), and finite."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+           f"--benchmark-json={out}", os.path.join(root, "benchmarks", "test_bench_native.py"),
+           "-k", "test_native_small and M64-K128-N128-r4"]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import native_table
+    finally:
+        sys.path.pop(0)
+    md = tmp_path / "run.md"
+    assert native_table.main([str(out)]) == str(md)
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| M=64 K=128")]
+    assert len(rows) == 2, md.read_text()  # fwd and fwd+bwd
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        figures = [float(c) for c in cells[3:]]  # native, reference, speedup, floor, reference / floor
+        assert len(figures) == 5 and all(math.isfinite(f) and f > 0 for f in figures), row
