@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -468,8 +469,6 @@ def test_tarplinear_module_on_native_backend_trains():
 def test_benchmark_table_from_a_real_run(tmp_path):
     """``benchmarks/native_table.py`` on the JSON of a real (one-shape) benchmark run: every figure
     the README's table quotes is in it (ratio, GEMM floor, reference / floor), and finite."""
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
