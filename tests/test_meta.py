@@ -356,7 +356,15 @@ def test_active_cell_parameters_count_what_the_cell_runs(ops):
     from tarp_fast.tams import NUM_OPS, OPS, Architecture, add_tams, use_architecture
 
     m = _model()
+    torch.manual_seed(0)
     add_tams(m, cell=True, gates=False, cell_width=8, cell_init="normal")
+    # Positive biases keep every ReLU of the cell alive: with random biases a whole node could be
+    # dead for all 32 tokens (all 8 channels negative; about 1 init in 130 here), its parameters
+    # would get an exact-zero gradient and the test would fail by chance, not by a wrong count.
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".tams_cell." in n and n.endswith(".bias"):
+                p.fill_(0.5)
     op_idx = torch.tensor([[OPS.index(o) for o in ops]])
     arch = Architecture(F.one_hot(op_idx, NUM_OPS).float(), None)
     ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(0))
