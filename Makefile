@@ -54,7 +54,7 @@ demo: install
 	$(VENV)/bin/tarp-fast demo
 
 bench: install
-	$(PYTEST) benchmarks --benchmark-only
+	$(PYTEST) benchmarks --benchmark
 
 compile-check: install
 	$(PY) -m tarp_fast.kernels.compile_check

@@ -218,3 +218,29 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.2, max_reps: in
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """The run's ``tarp_linear`` times over ``F.linear`` as text lines, one per (shape, mode).
+
+    ``rows``: one dict per measured benchmark with ``shape_name``, ``mode``, ``provider``,
+    ``ratio`` (median time over ``F.linear``'s in the same run), ``flinear_ms`` and ``floor``
+    (the shape's FLOP floor ratio). Providers that did not run here show ``-``.
+    """
+    if not rows:
+        return []
+    cells: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["shape_name"], r["mode"])
+        cell = cells.setdefault(key, {"floor": r["floor"]})
+        cell[r["provider"]] = r["ratio"]
+        if r["provider"] == "F.linear" or "flinear_ms" not in cell:
+            cell["flinear_ms"] = r["flinear_ms"]
+    providers = [p for p in PROVIDERS if p != "F.linear" and any(p in c for c in cells.values())]
+    header = f"{'shape':<12} {'mode':<8} {'F.linear ms':>11} " + " ".join(f"{p:>10}" for p in providers)
+    lines = [header + f" {'FLOP floor':>10}"]
+    order = {name: i for i, name in enumerate(SHAPES)}
+    for (shape_name, mode), c in sorted(cells.items(), key=lambda kv: (order.get(kv[0][0], 99), MODES.index(kv[0][1]))):
+        ratios = " ".join(f"{c[p]:>9.2f}x" if p in c else f"{'-':>10}" for p in providers)
+        lines.append(f"{shape_name:<12} {mode:<8} {c['flinear_ms']:>11.3f} {ratios} {c['floor']:>9.3f}x")
+    return lines
