@@ -32,6 +32,7 @@
 #include <tuple>
 #include <vector>
 
+#include "tarp_checks.h"
 #include "tarp_common.h"
 
 namespace tarp_fast {
@@ -131,27 +132,16 @@ struct GateView {
 };
 
 template <typename scalar_t>
-GateView<scalar_t> make_gate(const char* name, const Tensor& g, int64_t kind, double value, const int64_t* task,
-                             int64_t M, int64_t T) {
+GateView<scalar_t> make_gate(const Tensor& g, int64_t kind, double value, const int64_t* task) {
   GateView<scalar_t> v;
+  // The kind, the tensor's shape, dtype and device were checked by checks::check_gate.
   v.kind = kind;
   v.task = task;
-  TORCH_CHECK_VALUE(kind >= kGateNone && kind <= kGateTask, "tarp_fast: invalid ", name, "_kind ", kind);
   if (kind == kGateNone) return v;
   if (kind == kGateScalar) {
-    if (g.defined()) {
-      TORCH_CHECK_VALUE(g.numel() == 1, "tarp_fast: scalar ", name, " must have one element, got ", g.sizes());
-      v.value = g.data_ptr<scalar_t>()[0];
-    } else {
-      v.value = static_cast<scalar_t>(value);
-    }
+    v.value = g.defined() ? g.data_ptr<scalar_t>()[0] : static_cast<scalar_t>(value);
     return v;
   }
-  TORCH_CHECK_VALUE(g.defined(), "tarp_fast: ", name, "_kind ", kind, " needs the ", name, " tensor");
-  const int64_t want = kind == kGateRow ? M : T;
-  TORCH_CHECK_VALUE(g.dim() == 1 && g.size(0) == want, "tarp_fast: argument '", name, "' must have shape [",
-                    want, "], got ", g.sizes());
-  TORCH_CHECK_VALUE(kind == kGateRow || task != nullptr, "tarp_fast: a per-task ", name, " needs task_index");
   v.p = g.data_ptr<scalar_t>();
   return v;
 }
@@ -175,7 +165,8 @@ struct RowPlan {
 };
 
 template <typename scalar_t>
-RowPlan make_plan(int64_t M, int64_t T, const int64_t* task, const GateView<scalar_t>& g, bool hard_skip) {
+RowPlan make_plan(const char* op, int64_t M, int64_t T, const int64_t* task, const GateView<scalar_t>& g,
+                  bool hard_skip) {
   RowPlan plan;
   plan.M = M;
   const bool drop = hard_skip && g.on();
@@ -205,8 +196,8 @@ RowPlan make_plan(int64_t M, int64_t T, const int64_t* task, const GateView<scal
   bool sorted = true;
   for (int64_t m = 0; m < M; ++m) {
     const int64_t t = task[m];
-    TORCH_CHECK_VALUE(t >= 0 && t < T, "tarp_linear: argument 'task_index' must hold values in [0, ", T,
-                      ") (T from the factors), got ", t, " at row ", m);
+    TORCH_CHECK_VALUE(t >= 0 && t < T, op, ": argument 'task_index' must hold values in [0, ", T,
+                      ") (T=num_tasks, the factors' task dimension), got ", t, " at row ", m);
     if (m > 0 && t < task[m - 1]) sorted = false;
     if (!drop || keep[m]) counts[t + 1] += 1;
   }
@@ -240,12 +231,14 @@ inline Tensor task_slice(const Tensor& f, bool multi, int64_t t) {
   return multi ? f.select(0, t) : f;
 }
 
-void check_floating(const Tensor& x) {
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-                   "tarp_fast native CPU ops support float32 and float64 (the Python wrapper upcasts "
+// What the CPU kernels support beyond the shared checks (tarp_checks.h): CPU tensors (the others
+// are checked to be on x's device), float32 or float64 (the others have x's dtype).
+void check_cpu(const char* op, const Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got argument 'x' on ", x.device());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                   ": argument 'x' must be float32 or float64 on CPU (the Python wrapper upcasts "
                    "float16/bfloat16), got ",
                    x.scalar_type());
-  TORCH_CHECK(x.device().is_cpu(), "tarp_fast native CPU ops need CPU tensors, got ", x.device());
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -263,10 +256,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fwd_impl(const Tensor& x, const Tenso
   const bool multi = task_index.defined();
   const int64_t T = multi ? num_tasks : 1;
   const int64_t* task = multi ? task_index.data_ptr<int64_t>() : nullptr;
-  const auto g = make_gate<scalar_t>("gate", gate, gate_kind, gate_value, task, M, T);
-  const auto sg = make_gate<scalar_t>("skip_gate", skip_gate, skip_kind, skip_value, task, M, T);
-  TORCH_CHECK_VALUE(!sg.on() || N == K, "tarp_linear: argument 'skip_gate' needs out_features == in_features");
-  const RowPlan plan = make_plan<scalar_t>(M, T, task, g, hard_skip);
+  const auto g = make_gate<scalar_t>(gate, gate_kind, gate_value, task);
+  const auto sg = make_gate<scalar_t>(skip_gate, skip_kind, skip_value, task);
+  const RowPlan plan = make_plan<scalar_t>("tarp_fast::native_tarp_fwd", M, T, task, g, hard_skip);
   const int64_t Mk = plan.Mk;
   const auto opts = x.options();
 
@@ -430,20 +422,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> native_tarp_fwd_cpu(
     const OptTensor& gate, const OptTensor& skip_gate, const OptTensor& residual, double scaling,
     double scale_offset, int64_t num_tasks, int64_t activation, int64_t gate_kind, double gate_value,
     int64_t skip_kind, double skip_value, bool hard_skip, bool save_pre) {
-  check_floating(x_in);
-  TORCH_CHECK_VALUE(x_in.dim() == 2 && weight_in.dim() == 2 && x_in.size(1) == weight_in.size(1),
-                    "tarp_fast::native_tarp_fwd: x must be [M, K] and weight [N, K], got ", x_in.sizes(), " and ",
-                    weight_in.sizes());
-  TORCH_CHECK_VALUE(has(U) == has(V), "tarp_fast::native_tarp_fwd: U and V go together");
-  TORCH_CHECK_VALUE(has(P) == has(Q), "tarp_fast::native_tarp_fwd: P and Q go together");
-  TORCH_CHECK_VALUE(activation >= kActNone && activation <= kActGeluTanh, "tarp_fast: invalid activation ",
-                    activation);
+  // Every argument is checked before a pointer is read (the op can be called directly).
+  constexpr const char* op = "tarp_fast::native_tarp_fwd";
+  checks::check_tarp_args(op, x_in, weight_in, bias, U, V, G, P, Q, task_index, gate, skip_gate, residual,
+                          num_tasks, activation, gate_kind, skip_kind);
+  check_cpu(op, x_in);
   const Tensor x = x_in.contiguous();
   const Tensor weight = weight_in.contiguous();
   const Tensor res = contig(residual);
-  if (res.defined())
-    TORCH_CHECK_VALUE(res.dim() == 2 && res.size(0) == x.size(0) && res.size(1) == weight.size(0),
-                      "tarp_fast::native_tarp_fwd: residual must be [M, N], got ", res.sizes());
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "native_tarp_fwd", [&] {
     out = fwd_impl<scalar_t>(x, weight, contig(bias), contig(U), contig(V), contig(G), contig(P), contig(Q),
@@ -492,9 +478,9 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
   const bool multi = task_index.defined();
   const int64_t T = multi ? num_tasks : 1;
   const int64_t* task = multi ? task_index.data_ptr<int64_t>() : nullptr;
-  const auto g = make_gate<scalar_t>("gate", gate, gate_kind, gate_value, task, M, T);
-  const auto sg = make_gate<scalar_t>("skip_gate", skip_gate, skip_kind, skip_value, task, M, T);
-  const RowPlan plan = make_plan<scalar_t>(M, T, task, g, hard_skip);
+  const auto g = make_gate<scalar_t>(gate, gate_kind, gate_value, task);
+  const auto sg = make_gate<scalar_t>(skip_gate, skip_kind, skip_value, task);
+  const RowPlan plan = make_plan<scalar_t>("tarp_fast::native_tarp_bwd", M, T, task, g, hard_skip);
   const int64_t Mk = plan.Mk;
   const auto opts = x.options();
   const Tensor none = at::empty({0}, opts);
@@ -509,8 +495,6 @@ std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& we
   const bool need_dpre = need_x || need_w || need(kNeedBias) || need_delta;
   const bool need_gate = need(kNeedGate) && g.on();
   const bool need_skip = need(kNeedSkip) && sg.on();
-  TORCH_CHECK_VALUE(!(activation != kActNone || need_gate) || pre.numel() == M * N,
-                    "tarp_fast::native_tarp_bwd: pre [M, N] is needed (forward with save_pre=True)");
 
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -752,12 +736,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     const OptTensor& gate, const OptTensor& skip_gate, const Tensor& pre, const Tensor& proj, const Tensor& scale,
     double scaling, int64_t num_tasks, int64_t activation, int64_t gate_kind, double gate_value, int64_t skip_kind,
     double skip_value, bool hard_skip, int64_t needs) {
-  check_floating(x_in);
+  // Every argument is checked before a pointer is read (the op can be called directly): the
+  // forward's (without bias and residual), then dy and the forward's saved outputs.
+  constexpr const char* op = "tarp_fast::native_tarp_bwd";
+  const auto sizes = checks::check_tarp_args(op, x_in, weight_in, std::nullopt, U, V, G, P, Q, task_index, gate,
+                                             skip_gate, std::nullopt, num_tasks, activation, gate_kind, skip_kind);
+  checks::check_tarp_bwd_args(op, sizes, x_in, dy_in, pre, proj, scale, activation, gate_kind, needs);
+  check_cpu(op, x_in);
+  // The gradient of an absent factor is not computed: its bit is ignored (like a gate of kind none).
+  for (const auto& [t, bit] : {std::pair<const OptTensor*, int64_t>{&U, kNeedU}, {&V, kNeedV}, {&G, kNeedG},
+                               {&P, kNeedP}, {&Q, kNeedQ}})
+    if (!has(*t)) needs &= ~bit;
   const Tensor x = x_in.contiguous();
   const Tensor weight = weight_in.contiguous();
   const Tensor dy = dy_in.contiguous();
-  TORCH_CHECK_VALUE(dy.dim() == 2 && dy.size(0) == x.size(0) && dy.size(1) == weight.size(0),
-                    "tarp_fast::native_tarp_bwd: dy must be [M, N], got ", dy.sizes());
   std::vector<Tensor> g;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "native_tarp_bwd", [&] {
     g = bwd_impl<scalar_t>(dy, x, weight, contig(U), contig(V), contig(G), contig(P), contig(Q),

@@ -31,6 +31,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "tarp_checks.h"
+
 namespace tarp_fast {
 namespace {
 
@@ -133,6 +135,8 @@ __global__ void sort_scatter_kernel(const int64_t* __restrict__ task, const gate
 // perm [M], counts [nbuckets], offsets [nbuckets + 1], all int64 on x's device.
 std::tuple<Tensor, Tensor, Tensor> stable_bucket_sort(const Tensor& task, const std::optional<Tensor>& gate,
                                                       int64_t M, int64_t nbuckets, const at::Device& device) {
+  // The callers (compact_rows_cuda, group_by_task_cuda) checked their arguments; these limits
+  // are the sort's own.
   TORCH_CHECK_VALUE(nbuckets >= 1 && nbuckets <= kMaxBuckets, "tarp_fast: at most ", kMaxBuckets - 1,
                     " tasks are supported by the CUDA grouping, got ", nbuckets - 1);
   TORCH_CHECK_VALUE(M < (int64_t(1) << 31), "tarp_fast: the CUDA row sort supports M < 2^31 rows, got ", M);
@@ -172,13 +176,28 @@ std::tuple<Tensor, Tensor, Tensor> stable_bucket_sort(const Tensor& task, const 
   return {perm, counts, offsets};
 }
 
-void check_cuda(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "tarp_fast: argument '", name, "' must be a CUDA tensor, got ", t.device());
+// Host-side checks of the helpers' arguments (every tensor a CUDA tensor on one device, dtypes,
+// shapes); see tarp_checks.h for the conventions. Values (task ids, offsets, perm entries) are
+// not checked: that needs a host sync, which these graph-safe ops never do (out-of-range task ids
+// go to the dropped bucket; offsets and perm are produced by group_by_task).
+void check_cuda(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_cuda(), op, ": argument '", name, "' must be a CUDA tensor, got ", t.device());
+}
+
+// gate [M], floating, on ref's device (ref_name: the argument that fixes M and the device).
+void check_gate_rows(const char* op, const Tensor& gate, const Tensor& ref, const char* ref_name) {
+  check_cuda(op, "gate", gate);
+  checks::check_device(op, "gate", gate, ref, ref_name);
+  checks::check_floating(op, "gate", gate);
+  TORCH_CHECK_VALUE(gate.dim() == 1 && gate.size(0) == ref.size(0), op, ": argument 'gate' must be [M] (M=",
+                    ref.size(0), " from ", ref_name, "), got ", gate.sizes());
 }
 
 std::tuple<Tensor, Tensor> compact_rows_cuda(const Tensor& gate) {
-  check_cuda(gate, "gate");
-  TORCH_CHECK_VALUE(gate.dim() == 1, "tarp_fast::compact_rows: argument 'gate' must be [M], got ", gate.sizes());
+  constexpr const char* op = "tarp_fast::compact_rows";
+  check_cuda(op, "gate", gate);
+  checks::check_floating(op, "gate", gate);
+  TORCH_CHECK_VALUE(gate.dim() == 1, op, ": argument 'gate' must be [M] (one value per row), got ", gate.sizes());
   const c10::cuda::CUDAGuard guard(gate.device());
   // Two buckets: kept (0) and dropped (1).
   auto [perm, counts, offsets] = stable_bucket_sort(Tensor(), gate, gate.size(0), 2, gate.device());
@@ -187,16 +206,13 @@ std::tuple<Tensor, Tensor> compact_rows_cuda(const Tensor& gate) {
 
 std::tuple<Tensor, Tensor, Tensor> group_by_task_cuda(const Tensor& task_index, int64_t num_tasks,
                                                       const std::optional<Tensor>& gate) {
-  check_cuda(task_index, "task_index");
-  TORCH_CHECK_TYPE(task_index.scalar_type() == at::kLong, "tarp_fast::group_by_task: 'task_index' must be int64");
-  TORCH_CHECK_VALUE(task_index.dim() == 1, "tarp_fast::group_by_task: 'task_index' must be [M], got ",
+  constexpr const char* op = "tarp_fast::group_by_task";
+  check_cuda(op, "task_index", task_index);
+  checks::check_int64(op, "task_index", task_index);
+  TORCH_CHECK_VALUE(task_index.dim() == 1, op, ": argument 'task_index' must be [M] (one task per row), got ",
                     task_index.sizes());
-  TORCH_CHECK_VALUE(num_tasks >= 1, "tarp_fast::group_by_task: 'num_tasks' must be >= 1, got ", num_tasks);
-  if (gate.has_value() && gate->defined()) {
-    check_cuda(*gate, "gate");
-    TORCH_CHECK_VALUE(gate->dim() == 1 && gate->size(0) == task_index.size(0),
-                      "tarp_fast::group_by_task: 'gate' must be [M] like task_index, got ", gate->sizes());
-  }
+  TORCH_CHECK_VALUE(num_tasks >= 1, op, ": argument 'num_tasks' must be >= 1, got ", num_tasks);
+  if (checks::present(gate)) check_gate_rows(op, *gate, task_index, "task_index");
   const c10::cuda::CUDAGuard guard(task_index.device());
   return stable_bucket_sort(task_index.contiguous(), gate, task_index.size(0), num_tasks + 1, task_index.device());
 }
@@ -229,26 +245,30 @@ __global__ void segmented_sum_kernel(const scalar_t* __restrict__ values, int64_
 }
 
 Tensor segmented_sum_cuda(const Tensor& values_in, const std::optional<Tensor>& perm_in, const Tensor& offsets_in) {
-  check_cuda(values_in, "values");
-  check_cuda(offsets_in, "offsets");
-  TORCH_CHECK_VALUE(values_in.dim() == 2, "tarp_fast::segmented_sum: 'values' must be [M, D], got ",
-                    values_in.sizes());
-  TORCH_CHECK_VALUE(offsets_in.dim() == 1 && offsets_in.size(0) >= 1,
-                    "tarp_fast::segmented_sum: 'offsets' must be [S + 1], got ", offsets_in.sizes());
-  TORCH_CHECK_TYPE(offsets_in.scalar_type() == at::kLong, "tarp_fast::segmented_sum: 'offsets' must be int64");
+  constexpr const char* op = "tarp_fast::segmented_sum";
+  check_cuda(op, "values", values_in);
+  checks::check_floating(op, "values", values_in);
+  TORCH_CHECK_VALUE(values_in.dim() == 2, op, ": argument 'values' must be [M, D], got ", values_in.sizes());
+  check_cuda(op, "offsets", offsets_in);
+  checks::check_device(op, "offsets", offsets_in, values_in, "values");
+  checks::check_int64(op, "offsets", offsets_in);
+  TORCH_CHECK_VALUE(offsets_in.dim() == 1 && offsets_in.size(0) >= 1, op,
+                    ": argument 'offsets' must be [S + 1] (segment starts, then the end), got ", offsets_in.sizes());
+  if (checks::present(perm_in)) {
+    check_cuda(op, "perm", *perm_in);
+    checks::check_device(op, "perm", *perm_in, values_in, "values");
+    checks::check_int64(op, "perm", *perm_in);
+    TORCH_CHECK_VALUE(perm_in->dim() == 1 && perm_in->size(0) == values_in.size(0), op,
+                      ": argument 'perm' must be [M] (M=", values_in.size(0), " rows of values), got ",
+                      perm_in->sizes());
+  }
   const c10::cuda::CUDAGuard guard(values_in.device());
   const Tensor values = values_in.contiguous();
   const Tensor offsets = offsets_in.contiguous();
   Tensor perm;
-  if (perm_in.has_value() && perm_in->defined()) {
-    check_cuda(*perm_in, "perm");
-    TORCH_CHECK_TYPE(perm_in->scalar_type() == at::kLong, "tarp_fast::segmented_sum: 'perm' must be int64");
-    TORCH_CHECK_VALUE(perm_in->dim() == 1 && perm_in->size(0) == values.size(0),
-                      "tarp_fast::segmented_sum: 'perm' must be [M], got ", perm_in->sizes());
-    perm = perm_in->contiguous();
-  }
+  if (checks::present(perm_in)) perm = perm_in->contiguous();
   const int64_t S = offsets.size(0) - 1, D = values.size(1);
-  TORCH_CHECK_VALUE(S <= 65535, "tarp_fast::segmented_sum: at most 65535 segments, got ", S);
+  TORCH_CHECK_VALUE(S <= 65535, op, ": at most 65535 segments, got ", S);
   Tensor out = at::empty({S, D}, values.options());
   if (S == 0 || D == 0) return out;
   const dim3 grid(static_cast<unsigned>((D + kWarp - 1) / kWarp), static_cast<unsigned>(S));

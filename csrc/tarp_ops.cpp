@@ -59,7 +59,10 @@ TORCH_LIBRARY(tarp_fast, m) {
       "-> (Tensor out, Tensor pre, Tensor proj, Tensor scale)",
       {at::Tag::pt2_compliant_tag});
   // Backward: gradients of (x, weight, bias, U, V, G, P, Q, gate, skip_gate) for the bits set
-  // in `needs` (tarp_common.h); the others are empty [0] tensors. dresidual = dy is not computed.
+  // in `needs` (tarp_common.h); the others, and those of absent inputs, are empty [0] tensors.
+  // dresidual = dy is not computed.
+  // Both ops check every argument (csrc/tarp_checks.h) before reading any data: they can be
+  // called directly, without the Python validator.
   m.def(
       "native_tarp_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? U, Tensor? V, Tensor? G, "
       "Tensor? P, Tensor? Q, Tensor? task_index, Tensor? gate, Tensor? skip_gate, Tensor pre, "
