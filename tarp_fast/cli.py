@@ -276,9 +276,16 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
     dist = _init_distributed()
     rank = dist.get_rank() if dist else 0
     cfg = _settings(args)
+    # Before anything random: the run is a function of its settings (prepare() also draws from
+    # its own RNG seeded from the same seed, or restored from the checkpoint when resuming).
+    import random  # noqa: PLC0415
+
+    torch.manual_seed(cfg.prep.seed)
+    random.seed(cfg.prep.seed)
     corpus = _load_corpus(args.corpus, args.tokenizer)
-    if args.heldout:
-        corpus, _ = corpus.split_heldout(_split_names(args.heldout, "--heldout"))
+    heldout = _split_names(args.heldout, "--heldout") if args.heldout else []
+    if heldout:
+        corpus, _ = corpus.split_heldout(heldout)
     os.makedirs(args.out, exist_ok=True)
     if args.model:
         from .meta.models import check_vocab  # noqa: PLC0415
@@ -298,9 +305,19 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
     sampler = TaskSampler(corpus, tasks_per_batch=pc.tasks_per_batch, inner_steps=max(pc.inner_steps, 1),
                           batch_size=pc.batch_size, query_batch_size=pc.query_batch_size, seq_len=pc.seq_len,
                           seed=pc.seed)
+    model_dir = os.path.abspath(args.model) if args.model else None
+    # what the run depends on besides [prep]: compared with the checkpoint's on resume
+    run_settings = {"model_dir": model_dir, "corpus": "sha256:" + corpus.fingerprint()[:16], "heldout": heldout,
+                    "tarp": {"rank": cfg.rank, "variant": cfg.variant, "init_seed": cfg.base_seed}}
+    if not args.model:
+        run_settings["base"] = {"n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+                                "pretrain_steps": cfg.pretrain_steps, "pretrain_lr": cfg.pretrain_lr,
+                                "pretrain_batch": cfg.pretrain_batch, "seed": cfg.base_seed}
+    if args.tams:
+        run_settings["tams_cell_width"] = cfg.tams_cell_width
     res = prepare(model, sampler, pc, tams=args.tams, checkpoint_dir=os.path.join(args.out, "checkpoints"),
                   resume=not args.no_resume, log_path=os.path.join(args.out, "prepare.jsonl"),
-                  progress=rank == 0 and not args.no_progress, stop_after=args.stop_after)
+                  progress=rank == 0 and not args.no_progress, stop_after=args.stop_after, run_settings=run_settings)
     if rank == 0:
         plain = copy.deepcopy(model)
         if args.tams:
@@ -315,8 +332,8 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
         from ._io import atomic_write_bytes  # noqa: PLC0415
 
         atomic_write_bytes(os.path.join(args.out, "prepare_config.json"), json.dumps(
-            {"settings": cfg.to_dict(), "tams": bool(args.tams), "steps": res["steps"],
-             "losses": res["losses"]}, indent=1).encode())
+            {"settings": cfg.to_dict(), "tams": bool(args.tams), "model_dir": model_dir, "run": run_settings,
+             "steps": res["steps"], "losses": res["losses"], "resumes": res["resumes"]}, indent=1).encode())
         last = res["losses"][-1] if res["losses"] else float("nan")
         print(f"prepared: {res['steps']} meta-steps ({res['seconds']:.1f} s in this run), last query loss "
               f"{last:.4f}; written to {args.out}")

@@ -84,13 +84,27 @@ def save_base_model(model: nn.Module, directory: str) -> str:
 
 
 def load_base_model(path: str) -> nn.Module:
-    """A causal LM from a local folder: ours (:func:`save_base_model`) or any transformers checkpoint."""
+    """A causal LM from a local folder: ours (:func:`save_base_model`) or any transformers checkpoint.
+
+    Only safetensors weights are read (``use_safetensors=True``): a folder with nothing but
+    pickle files (``pytorch_model.bin``, ``*.pt``, ...) is refused with a ``ValueError``, since
+    unpickling can run arbitrary code. The model is returned in train mode, so dropout stays as
+    its config sets it (see :func:`tarp_fast.meta.prepare.prepare` on seeding).
+    """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"load_base_model: argument 'path' must be a local model folder, {path!r} is not one")
+    files = sorted(os.listdir(path))
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        pickles = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt")) or f.endswith(".bin.index.json")]
+        what = (f"only pickle weights ({', '.join(pickles)}), which tarp-fast does not load (unpickling can run code)"
+                if pickles else "no weights")
+        raise ValueError(f"load_base_model: {path} has no safetensors weights (model.safetensors), {what}; "
+                         "convert them to safetensors with a tool you trust (e.g. transformers' "
+                         "save_pretrained(..., safe_serialization=True)) and pass that folder")
     from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
     return model.train()
 
 

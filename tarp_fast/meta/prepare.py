@@ -44,6 +44,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,7 @@ from ..nn.linear import TARP_PARAM_PREFIX, TARPLinear
 from ..tams.cell import CELL_NAME
 from .checkpoint import (
     Checkpointer,
+    CheckpointError,
     optimizer_state_from_flat,
     optimizer_state_to_flat,
     rng_state,
@@ -66,7 +69,8 @@ from .checkpoint import (
 from .finetune import NonFiniteLossError
 from .models import sequence_losses
 
-__all__ = ["PrepConfig", "MetaLearner", "prepare", "fast_parameter_names", "stacked_tasks", "ALGORITHMS"]
+__all__ = ["PrepConfig", "MetaLearner", "prepare", "fast_parameter_names", "stacked_tasks", "ALGORITHMS",
+           "RESUME_MAY_CHANGE"]
 
 ALGORITHMS = ("fomaml", "maml", "reptile")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -222,6 +226,8 @@ class MetaLearner:
         self.opt = torch.optim.AdamW(self.outer_params, lr=config.outer_lr, weight_decay=0.0, foreach=False)
         self.tams = bool(tams)
         self.step = 0
+        #: CUDA devices whose RNG state the checkpoints carry (those holding the model's parameters)
+        self.cuda_devices = sorted({p.get_device() for p in model.parameters() if p.is_cuda})
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
@@ -392,7 +398,7 @@ class MetaLearner:
         tensors.update({f"log_lr.{k}": p.detach() for k, p in self.log_lr.items()})
         opt_t, opt_meta = optimizer_state_to_flat(self.opt)
         tensors.update(opt_t)
-        rng_t, rng_meta = rng_state()
+        rng_t, rng_meta = rng_state(self.cuda_devices)
         tensors.update(rng_t)
         return tensors, {"optimizer": opt_meta, "rng": rng_meta, "step": self.step}
 
@@ -417,6 +423,61 @@ class MetaLearner:
         self.step = int(meta["step"])
 
 
+#: Settings that may differ between a checkpoint and the run resuming from it (see :func:`prepare`).
+RESUME_MAY_CHANGE = ("meta_steps", "checkpoint_every", "world_size")
+_UNSET = "(not set)"
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "extra":
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _settings_view(config: dict, *, tams, sampler: dict, world_size, run: Optional[dict]) -> dict:
+    """Everything a preparation run's result depends on (and the allowed changes), flat, JSON-normalized."""
+    view = dict(config)
+    view.update({"tams": tams, "domains": list(sampler.get("names", [])), "sampler_seed": sampler.get("seed"),
+                 "world_size": world_size})
+    for k, v in (run or {}).items():
+        view[k if k not in view else f"run.{k}"] = v
+    return json.loads(json.dumps(_flatten(view)))
+
+
+def _show(v) -> str:
+    return v if v is _UNSET else repr(v)
+
+
+def _check_resume(meta: dict, current: dict, step: int, config: PrepConfig, directory: str, name: str) -> dict:
+    """``{setting: [checkpointed, new]}`` of the allowed changes; ``ValueError`` listing any other change."""
+    old = _settings_view(meta.get("config", {}), tams=meta.get("tams"), sampler=meta.get("sampler", {}),
+                         world_size=meta.get("world_size"), run=meta.get("run"))
+    diff = {}
+    for k in list(current) + [k for k in old if k not in current]:
+        a, b = old.get(k, _UNSET), current.get(k, _UNSET)
+        if a != b:
+            diff[k] = (a, b)
+    if "sampler_seed" in diff and diff.get("seed") == diff["sampler_seed"]:
+        del diff["sampler_seed"]  # the sampler draws from the run's seed: one change, reported once
+    refused = {k: v for k, v in diff.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        listed = ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"prepare: cannot resume from {directory}: settings differ from the checkpoint {name} (meta-step {step}): "
+            f"{listed}. Resume with the checkpoint's settings, or start over with --no-resume (prepare(resume=False)) "
+            f"or a new --out folder; only {', '.join(RESUME_MAY_CHANGE)} may change on resume")
+    if config.meta_steps < step:
+        raise ValueError(f"prepare: cannot resume from {directory}: the checkpoint {name} is at meta-step {step}, past "
+                         f"meta_steps={config.meta_steps}; pass meta_steps >= {step} (--meta-steps), or start over with "
+                         "--no-resume or a new --out folder")
+    return {k: [a, b] for k, (a, b) in diff.items()}
+
+
 def prepare(
     model: nn.Module,
     sampler: TaskSampler,
@@ -429,29 +490,90 @@ def prepare(
     progress: bool = False,
     stop_after: Optional[int] = None,
     on_step: Optional[Callable[[dict], None]] = None,
+    run_settings: Optional[dict] = None,
 ) -> dict:
     """Run ``config.meta_steps`` meta-steps of preparation on ``model`` (in place).
 
     ``checkpoint_dir``: write a checkpoint every ``config.checkpoint_every`` steps and at the
-    end, and (with ``resume``) continue from the latest one found there; the resumed run's
-    parameters and losses equal an uninterrupted run's bitwise on CPU. ``log_path``: JSONL, one
-    record per meta-step (rewritten up to the resumed step on resume). ``stop_after``: return
-    after that many meta-steps of this call (used to simulate an interruption).
+    end, and (with ``resume``) continue from the newest intact one found there (see
+    :class:`~tarp_fast.meta.checkpoint.Checkpointer`: the folder is listed, a damaged newest
+    checkpoint is skipped with a warning); the resumed run's parameters and losses equal an
+    uninterrupted run's bitwise on CPU. ``log_path``: JSONL, one record per meta-step
+    (rewritten up to the resumed step on resume, every field kept; ``seconds`` is the compute
+    time since the run began, summed over its resumed parts). ``stop_after``: return after that
+    many meta-steps of this call (used to simulate an interruption). ``run_settings``: a
+    JSON-ready dict of settings outside ``config`` that the run depends on (the CLI passes the
+    base model, corpus and TARP settings); stored in the checkpoints and compared on resume.
 
-    Returns ``{"steps", "seconds", "losses": [query loss per step], "learner": MetaLearner}``.
+    **Resuming with other settings.** Every setting of ``config``, ``tams``, the sampler's seed
+    and domains and every entry of ``run_settings`` must equal the checkpoint's, or resuming
+    raises a ``ValueError`` listing each difference (checkpointed -> new) and how to proceed.
+    Only these may change (:data:`RESUME_MAY_CHANGE`), since they do not change what a step
+    computes: ``meta_steps`` (to extend a run; not below the checkpoint's step),
+    ``checkpoint_every``, and ``world_size`` (the number of ``torchrun`` processes: the same
+    update, up to the rounding of the all-reduce). An allowed change is recorded with the
+    meta-step it applied from: in the first log record after the resume (``settings_changed``)
+    and in ``resumes`` of the result and of later checkpoints. Flags that only show or log
+    progress are not settings. ``resume=False`` starts over; its first checkpoint removes the
+    old run's newer checkpoints.
+
+    **Randomness.** The run draws from its own torch RNG (CPU and the model's CUDA devices) and
+    Python ``random``: seeded from ``config.seed`` on a fresh start, restored from the checkpoint
+    on resume, and the caller's RNG states are restored on return. So the same seed gives
+    bitwise the same run even when the model draws random numbers itself: the model runs in the
+    mode the caller left it in, and a model in train mode with dropout (e.g. a GPT-2 loaded
+    with ``--model``, dropout 0.1) keeps its dropout, as fine-tuning it would (set its
+    ``*_pdrop`` to 0 in the config to turn it off).
+
+    Returns ``{"steps", "seconds" (of this call), "losses": [query loss per step], "resumes":
+    [{"step", "changed"}], "learner": MetaLearner}``.
     Raises :class:`NonFiniteLossError` when a loss becomes NaN/inf.
     """
     if sampler.tasks_per_batch != config.tasks_per_batch or sampler.inner_steps != max(config.inner_steps, 1):
         raise ValueError("prepare: the sampler's tasks_per_batch/inner_steps must equal the config's "
                          f"({sampler.tasks_per_batch}/{sampler.inner_steps} vs {config.tasks_per_batch}/{config.inner_steps})")
+    cuda = sorted({p.get_device() for p in model.parameters() if p.is_cuda})
+    py_state = random.getstate()
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            return _prepare(model, sampler, config, tams=tams, checkpoint_dir=checkpoint_dir, resume=resume,
+                            log_path=log_path, progress=progress, stop_after=stop_after, on_step=on_step,
+                            run_settings=run_settings, cuda=cuda)
+        finally:
+            random.setstate(py_state)
+
+
+def _prepare(model, sampler, config, *, tams, checkpoint_dir, resume, log_path, progress, stop_after, on_step,
+             run_settings, cuda) -> dict:
     learner = MetaLearner(model, config, tams=tams)
     ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir else None
+    current = _settings_view(config.to_dict(), tams=bool(tams), sampler=sampler.state_dict(),
+                             world_size=learner.world, run=run_settings)
     history: list[dict] = []
-    if ckpt is not None and resume and ckpt.latest_step() is not None:
-        _, tensors, meta = ckpt.load()
-        learner.load_state_tensors(tensors, meta["learner"])
+    resumes: list[dict] = []
+    changed: dict = {}
+    if ckpt is not None and resume and ckpt.exists():
+        try:
+            step, tensors, meta = ckpt.load(fallback=True)
+        except CheckpointError as exc:
+            raise CheckpointError(f"prepare: cannot resume: {exc}; start over with --no-resume (prepare(resume=False)) "
+                                  "or a new --out folder") from None
+        where = os.path.join(ckpt.directory, ckpt.loaded + ".json")
+        for field_name, sub in (("meta.learner.step", meta.get("learner", {})), ("meta.sampler.step", meta.get("sampler", {}))):
+            if sub.get("step") != step:
+                raise ValueError(f"prepare: {where}: field {field_name!r} is {sub.get('step')!r} but the checkpoint "
+                                 f"is meta-step {step}")
+        changed = _check_resume(meta, current, step, config, ckpt.directory, ckpt.loaded)
+        learner.load_state_tensors(tensors, meta["learner"])  # also restores the RNG states
         sampler.load_state_dict(meta["sampler"])
         history = list(meta.get("history", []))
+        resumes = list(meta.get("resumes", [])) + [{"step": step, "changed": changed}]
+    else:
+        torch.random.default_generator.manual_seed(config.seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(config.seed)
+        random.seed(config.seed)
     if log_path and learner.rank == 0:
         with open(log_path, "w", encoding="utf-8") as fh:  # keep the records up to the resumed step
             for rec in history:
@@ -463,6 +585,7 @@ def prepare(
         bar = tqdm(total=config.meta_steps, initial=learner.step, desc=f"prepare ({config.algorithm})",
                    leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
+    t_before = float(history[-1].get("seconds", 0.0)) if history else 0.0
     done = 0
     while learner.step < config.meta_steps:
         if stop_after is not None and done >= stop_after:
@@ -470,8 +593,10 @@ def prepare(
         sampler.step = learner.step
         rec = learner.meta_step(sampler.next())
         rec["domains"] = sampler.tasks_at(rec["step"])
-        rec["seconds"] = time.perf_counter() - t0
-        history.append({k: rec[k] for k in ("step", "query_loss", "support_loss")})
+        rec["seconds"] = t_before + time.perf_counter() - t0
+        if changed and done == 0:
+            rec["settings_changed"] = changed
+        history.append(dict(rec))
         if log_path and learner.rank == 0:
             with open(log_path, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -485,8 +610,9 @@ def prepare(
         if ckpt is not None and learner.rank == 0 and (last or (config.checkpoint_every and learner.step % config.checkpoint_every == 0)):
             tensors, meta = learner.state_tensors()
             ckpt.save(learner.step, tensors, {"learner": meta, "sampler": sampler.state_dict(),
-                                              "config": config.to_dict(), "history": history})
+                                              "config": config.to_dict(), "tams": bool(tams), "run": run_settings,
+                                              "world_size": learner.world, "history": history, "resumes": resumes})
     if bar is not None:
         bar.close()
     return {"steps": learner.step, "seconds": time.perf_counter() - t0,
-            "losses": [h["query_loss"] for h in history], "learner": learner}
+            "losses": [h["query_loss"] for h in history], "resumes": resumes, "learner": learner}
