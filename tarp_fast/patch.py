@@ -91,20 +91,50 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def patch_modules(model: nn.Module, layer_kw_by_name: dict[str, dict]) -> list[str]:
-    """Replace each named dense module with a TARPLinear built with its own keyword arguments."""
+    """Replace each named dense module with a TARPLinear built with its own keyword arguments.
+
+    All or nothing: if one module cannot be patched, the ones this call already replaced are put
+    back (the same module objects), so a failed call leaves ``model`` as it was.
+    """
     originals = model.__dict__.setdefault(_ORIGINALS, {})
-    for name, kw in layer_kw_by_name.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as exc:
-            raise ValueError(f"patch_model: the model has no module named {name!r}") from exc
-        if isinstance(module, TARPLinear):
-            raise RuntimeError(f"patch_model: module {name!r} is already patched; call unpatch_model first")
-        if not _is_dense(module):
-            raise TypeError(f"patch_model: module {name!r} must be an nn.Linear or Conv1D, got {type(module).__name__}")
-        _set_submodule(model, name, TARPLinear.from_module(module, **kw))
-        originals[name] = module
+    done: list[str] = []
+    try:
+        for name, kw in layer_kw_by_name.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as exc:
+                raise ValueError(f"patch_model: the model has no module named {name!r}") from exc
+            if isinstance(module, TARPLinear):
+                raise RuntimeError(f"patch_model: module {name!r} is already patched; call unpatch_model first")
+            if not _is_dense(module):
+                raise TypeError(f"patch_model: module {name!r} must be an nn.Linear or Conv1D, got {type(module).__name__}")
+            _set_submodule(model, name, TARPLinear.from_module(module, **kw))
+            originals[name] = module
+            done.append(name)
+    except BaseException:
+        unpatch_modules(model, done)
+        raise
     return list(layer_kw_by_name)
+
+
+def unpatch_modules(model: nn.Module, names: Iterable[str]) -> None:
+    """Put back the original modules of the named TARP layers (a rollback of :func:`patch_modules`).
+
+    Names this model has no original for are skipped, so a rollback can pass every name it meant
+    to patch. Merged layers are unmerged first, as in :func:`unpatch_model`. The record of
+    originals is dropped once empty, so an unpatched model carries nothing left over.
+    """
+    originals = model.__dict__.get(_ORIGINALS, {})
+    for name in reversed(list(names)):
+        original = originals.pop(name, None)
+        if original is None:
+            continue
+        layer = model.get_submodule(name)
+        if isinstance(layer, TARPLinear) and layer.merged:
+            layer.unmerge()
+        _set_submodule(model, name, original)
+    if not originals:
+        model.__dict__.pop(_ORIGINALS, None)
 
 
 def patch_model(model: nn.Module, *, targets: Targets = "auto", **layer_kw) -> nn.Module:
@@ -137,12 +167,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     originals = model.__dict__.get(_ORIGINALS, {})
     if not originals:
         raise RuntimeError("unpatch_model: the model is not patched (no TARP layers recorded)")
-    for name, original in list(originals.items()):
-        layer = model.get_submodule(name)
-        if isinstance(layer, TARPLinear) and layer.merged:
-            layer.unmerge()
-        _set_submodule(model, name, original)
-        del originals[name]
+    unpatch_modules(model, list(originals))
     return model
 
 

@@ -1,7 +1,12 @@
-"""Adapter files: validation on save and on load, atomic writes, no pickle."""
+"""Adapter files: validation on save and on load, atomic writes, no pickle.
+
+``resign`` rewrites an adapter folder consistently (every hash recomputed, independently of
+tarp_fast's code) so that a test reaches the checks behind the hashes.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -64,15 +69,37 @@ def test_load_rejects_dtype_mismatch(tmp_path):
         load_adapter(model, str(tmp_path))
 
 
-def _rewrite_tensors(folder, mutate):
-    """Rewrite adapter.safetensors via ``mutate(dict)`` and fix the config's hash and listing."""
-    path = folder / ADAPTER_WEIGHTS
-    tensors = load_file(str(path))
-    mutate(tensors)
-    save_file(tensors, str(path))
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """The format's per-tensor hash: sha256 of the raw C-order bytes."""
+    return _sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def resign(folder, mutate_tensors=None, mutate_config=None, *, version=2):
+    """Rewrite both files as save_adapter would after ``mutate_tensors(dict)`` / ``mutate_config(cfg)``.
+
+    The tensor listing is recomputed from the tensors before ``mutate_config`` runs, so that an
+    edit of the listing (a shape, a hash) survives; every other hash is recomputed after it.
+    """
+    folder = pathlib.Path(folder)
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    if mutate_tensors:
+        mutate_tensors(tensors)
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
-    cfg["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in tensors.items()}
-    cfg["safetensors_sha256"] = tarp_fast._io.sha256_file(str(path))
+    cfg.pop("safetensors_sha256", None)
+    cfg["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", ""),
+                          **({"sha256": tensor_sha256(v)} if version >= 2 else {})} for k, v in tensors.items()}
+    if mutate_config:
+        mutate_config(cfg)
+    text = json.dumps(cfg)
+    meta = {"tarp_fast_config": text}
+    if version >= 2:
+        meta["tarp_fast_config_sha256"] = _sha256(text.encode())
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata=meta)
+    cfg["safetensors_sha256"] = _sha256((folder / ADAPTER_WEIGHTS).read_bytes())
     (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg))
 
 
@@ -84,18 +111,18 @@ def test_load_rejects_non_finite_missing_and_unexpected(tmp_path):
         t[key] = t[key].clone()
         t[key].view(-1)[0] = float("inf")
 
-    _rewrite_tensors(tmp_path, poison)
+    resign(tmp_path, poison)
     model = tiny_model("gpt2")
     with pytest.raises(ValueError, match="non-finite"):
         load_adapter(model, str(tmp_path))
 
     save_adapter(_patched(), str(tmp_path))
-    _rewrite_tensors(tmp_path, lambda t: t.pop(key))
+    resign(tmp_path, lambda t: t.pop(key))
     with pytest.raises(ValueError, match="implies tensor .* which is missing"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
     save_adapter(_patched(), str(tmp_path))
-    _rewrite_tensors(tmp_path, lambda t: t.__setitem__("transformer.h.0.attn.c_attn.tarp_X", torch.zeros(2)))
+    resign(tmp_path, lambda t: t.__setitem__("transformer.h.0.attn.c_attn.tarp_X", torch.zeros(2)))
     with pytest.raises(ValueError, match="unexpected keys .*tarp_X"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
@@ -106,12 +133,20 @@ def test_load_rejects_config_that_disagrees_with_tensors(tmp_path):
     name = sorted(cfg["layers"])[0]
     cfg["layers"][name]["rank"] = 5
     (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"has shape .* but the config of layer .*rank=5"):
+    # caught by the cross-check with the config embedded in the tensor file ...
+    with pytest.raises(ValueError, match=rf"field 'layers.{name}.rank' is 5 here but 2 in the config embedded"):
+        load_adapter(tiny_model("gpt2"), str(tmp_path))
+    # ... and, were both configs edited alike, by the shapes the layer settings imply
+    save_adapter(_patched(rank=2), str(tmp_path))
+    resign(tmp_path, mutate_config=lambda c: c["layers"][name].__setitem__("rank", 5))
+    with pytest.raises(ValueError, match=r"is \[.*\], but the config of layer .*rank=5"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
 
-@pytest.mark.parametrize("content,msg", [("{not json", "not valid JSON"), ('{"format": "other"}', "not a tarp-fast adapter"),
-                                         ('{"format": "tarp-fast-adapter", "format_version": 99}', "format_version 99")])
+@pytest.mark.parametrize("content,msg", [("{not json", "not valid UTF-8 JSON"),
+                                         ('{"format": "other"}', "not a tarp-fast adapter"),
+                                         ('{"format": "tarp-fast-adapter", "format_version": 99}',
+                                          r"field 'format_version' must be one of \[1, 2\], got 99")])
 def test_load_rejects_bad_config_files(tmp_path, content, msg):
     save_adapter(_patched(), str(tmp_path))
     (tmp_path / ADAPTER_CONFIG).write_text(content)
@@ -120,7 +155,13 @@ def test_load_rejects_bad_config_files(tmp_path, content, msg):
 
 
 def test_missing_files_are_reported(tmp_path):
-    with pytest.raises(FileNotFoundError, match="adapter.safetensors"):
+    # a ValueError (bad input, CLI exit status 2) that is still a FileNotFoundError for old callers
+    with pytest.raises(ValueError, match=r"adapter_config.json does not exist \(an adapter folder holds") as info:
+        load_adapter(tiny_model("gpt2"), str(tmp_path))
+    assert isinstance(info.value, FileNotFoundError) and str(tmp_path) in str(info.value)
+    save_adapter(_patched(), str(tmp_path))
+    (tmp_path / ADAPTER_WEIGHTS).unlink()
+    with pytest.raises(ValueError, match=f"{tmp_path / ADAPTER_WEIGHTS} does not exist"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
 
@@ -129,11 +170,10 @@ def test_crash_during_save_leaves_previous_adapter_loadable(tmp_path, monkeypatc
     save_adapter(first, str(tmp_path))
     second = _patched(seed=2)
 
-    def crash(tensors, path, metadata=None):
-        pathlib.Path(path).write_bytes(b"partial garbage")
-        raise KeyboardInterrupt("killed mid-write")
+    def crash(src, dst):
+        raise KeyboardInterrupt("killed before the first rename")
 
-    monkeypatch.setattr(tarp_fast.adapter, "save_file", crash)
+    monkeypatch.setattr(tarp_fast._io, "replace_durably", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(second, str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]  # no temp file left
@@ -141,16 +181,14 @@ def test_crash_during_save_leaves_previous_adapter_loadable(tmp_path, monkeypatc
     assert torch.equal(_first_param(restored)[1], _first_param(first)[1])
 
 
-def test_torn_pair_falls_back_to_embedded_config(tmp_path):
+def test_swapped_tensor_file_is_refused_not_loaded_through_the_embedded_config(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     save_adapter(_patched(seed=1), str(a))
-    second = _patched(seed=2)
-    save_adapter(second, str(b))
-    # a crash between the two writes: new tensors beside the old config
+    save_adapter(_patched(seed=2), str(b))
+    # another adapter's tensors beside this config: version 1 loaded them (with a warning)
     (a / ADAPTER_WEIGHTS).write_bytes((b / ADAPTER_WEIGHTS).read_bytes())
-    with pytest.warns(RuntimeWarning, match="embedded in the tensor file"):
-        model = load_adapter(tiny_model("gpt2"), str(a))
-    assert torch.equal(_first_param(model)[1], _first_param(second)[1])
+    with pytest.raises(ValueError, match=f"{a / ADAPTER_WEIGHTS}: .*replaced or corrupted"):
+        load_adapter(tiny_model("gpt2"), str(a))
 
 
 def test_package_never_pickles():

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ..adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config, save_adapter
-from ..patch import patch_modules, tarp_layers
+from ..patch import patch_modules, tarp_layers, unpatch_modules
 from . import gates as _gates
 from .blocks import BlockSpec, find_blocks
 from .cell import CELL_NAME, NUM_EDGES, OPS, SearchedCell
@@ -239,6 +239,7 @@ def load_tams(model: nn.Module, directory: str) -> TAMSController:
 
     An unpatched model is patched first as the adapter config says (so that TAMS wraps the TARP
     layers); a model that already has TAMS must have the same settings. Returns the controller.
+    A failed load takes back the patching and TAMS it added, leaving ``model`` as it was.
     """
     path = os.path.join(directory, ADAPTER_CONFIG)
     config = read_adapter_config(directory)
@@ -253,24 +254,32 @@ def load_tams(model: nn.Module, directory: str) -> TAMSController:
     except (KeyError, TypeError) as exc:
         raise ValueError(f"load_tams: {path} extra['tams'] is incomplete or malformed ({exc!r})") from exc
     record = tams_record(model)
-    if record is None:
-        if not tarp_layers(model) and config.get("layers"):
-            layers = config["layers"]
-            try:
+    patched: list = []
+    added = False
+    try:
+        if record is None:
+            if not tarp_layers(model) and config.get("layers"):
+                layers = config["layers"]
                 patch_modules(model, {n: {k: cfg[k] for k in _LAYER_KEYS} for n, cfg in layers.items()})
-            except KeyError as exc:
-                raise ValueError(f"load_tams: a layer entry of {path} lacks {exc}") from exc
-        add_tams(model, **kwargs)
-        record = tams_record(model)
-    else:
-        mine = {k: v for k, v in record.settings.items()}
-        diff = {k: (settings.get(k), mine.get(k)) for k in mine if settings.get(k) != mine.get(k)}
-        if diff:
-            raise ValueError(f"load_tams: the model's TAMS differs from the saved one (saved, model): {diff}")
-    if record.settings["num_layers"] != settings.get("num_layers") or record.family != settings.get("family"):
-        raise ValueError(f"load_tams: saved for a {settings.get('family')} model with {settings.get('num_layers')} "
-                         f"layers, got a {record.family} model with {record.settings['num_layers']}")
-    load_adapter(model, directory)
+                patched = list(layers)
+            add_tams(model, **kwargs)
+            added = True
+            record = tams_record(model)
+        else:
+            mine = {k: v for k, v in record.settings.items()}
+            diff = {k: (settings.get(k), mine.get(k)) for k in mine if settings.get(k) != mine.get(k)}
+            if diff:
+                raise ValueError(f"load_tams: the model's TAMS differs from the saved one (saved, model): {diff}")
+        if record.settings["num_layers"] != settings.get("num_layers") or record.family != settings.get("family"):
+            raise ValueError(f"load_tams: saved for a {settings.get('family')} model with {settings.get('num_layers')} "
+                             f"layers, got a {record.family} model with {record.settings['num_layers']}")
+        load_adapter(model, directory)
+    except BaseException:
+        # All or nothing, like load_adapter: take back what this call added, newest first.
+        if added:
+            remove_tams(model)
+        unpatch_modules(model, patched)
+        raise
     return record.controller
 
 
