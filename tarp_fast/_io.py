@@ -59,6 +59,8 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=_TEMP_SUFFIX, dir=folder)
     os.close(fd)
     try:
+        # mkstemp creates 0600; the finished file gets the mode open() would give (0666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -66,6 +68,18 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only set it, racing threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

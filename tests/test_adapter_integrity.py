@@ -581,3 +581,12 @@ def test_cli_adapt_refuses_a_corrupted_prepared_adapter(corpus_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert rc == 2 and f"{path}: its sha256" in err and "replaced or corrupted" in err, err
     assert not (tmp_path / "ad" / "adapter").exists()
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    """Atomic writes give the mode a plain open() would (0666 & ~umask), not mkstemp's 0600."""
+    from tarp_fast._io import _umask, atomic_write_bytes
+
+    path = tmp_path / "f.json"
+    atomic_write_bytes(str(path), b"{}")
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~_umask())
