@@ -42,6 +42,11 @@ def tarp_linear_triton(
     ``G [r*r, K]``, ``P [N, q]``, ``Q [q, K]`` (with a leading ``T`` and ``task_index [M]``
     for several tasks), gates None / float / 0-d / ``[M]`` / ``[T]``, ``residual [..., N]``.
     Returns ``[..., N]`` in x's dtype; accumulation is fp32 throughout.
+
+    Under the interpreter (CPU tensors, ``TRITON_INTERPRET=1``) float16 and float32 run;
+    bfloat16 raises ``RuntimeError`` (numpy has no bfloat16), it runs on CUDA only. Rank 0
+    (``U [N, 0]``) runs as no delta (the delta is exactly 0) and the factors get their empty
+    gradients; ``K = 0`` gives ``act(bias)`` and ``bias.grad = sum of dpre``.
     """
     spec = check_tarp_args(
         x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
@@ -66,6 +71,14 @@ def run_validated(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset
         )
     if spec.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"tarp_linear_triton: argument 'x' must be float16, bfloat16 or float32, got {spec.dtype}")
+    if spec.dtype == torch.bfloat16 and spec.device.type != "cuda":
+        # numpy, which the interpreter computes with, has no bfloat16: results were garbage (errors
+        # of 1e10), so refuse rather than return them
+        raise RuntimeError(
+            f"tarp_linear_triton: the Triton interpreter (TRITON_INTERPRET=1, tensors on {spec.device}) cannot run "
+            f"{spec.dtype}: numpy has no bfloat16. Use float16 or float32 inputs under the interpreter, or run "
+            "bfloat16 on a CUDA GPU"
+        )
     if spec.multi_task and spec.device.type == "cpu":
         check_task_range(task_index, spec.num_tasks)
     return triton_tarp(

@@ -402,24 +402,30 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
                          bench=_bench_fn(plans, dev))
         plans(cfg)[0].run()
 
+    # db rides along as the column sums of the first GEMM that reads dpre, but only of one that
+    # launches: with K = 0 (dW [N, 0]) or rank 0 (dU [N, 0]) the grid is empty and would leave
+    # lsum unwritten, so then a column-sum pass of its own computes it
     lsum = None
     dW, dU, db = empty(), empty(), empty()
     if need_dw:
         dW = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
-        lsum = torch.empty((T if weight.dim() == 3 else 1, N), dtype=torch.float32, device=dev) if need_db else None
+        if need_db and Kd > 0:
+            lsum = torch.empty((T if weight.dim() == 3 else 1, N), dtype=torch.float32, device=dev)
         wgrad(dpre, x, rowscale, dW, lsum, A=N, B=Kd, per_task=weight.dim() == 3)
     if need_du:
         dU = torch.empty(U.shape, dtype=U.dtype, device=dev)
         ls = None
-        if need_db and lsum is None:
+        if need_db and lsum is None and R > 0:
             ls = lsum = torch.empty((T if U.dim() == 3 else 1, N), dtype=torch.float32, device=dev)
         wgrad(dpre, zz, rowscale, dU, ls, A=N, B=R, per_task=U.dim() == 3, r_scale=scaling)
     if need_db:
         if lsum is None:
-            # no weight GEMM ran: a column-sum pass over dpre (B = 1 column of x as a dummy)
+            # no weight GEMM ran: a column-sum pass over dpre (B = 1 column of x as a dummy; with
+            # K = 0, x has no column to read: a zero column stands in)
             lsum = torch.empty((1, N), dtype=torch.float32, device=dev)
             scratch = torch.empty((1, N, 1), dtype=torch.float32, device=dev)
-            wgrad(dpre, x, rowscale, scratch, lsum, A=N, B=1, per_task=False)
+            dummy = x if Kd > 0 else torch.zeros((M, 1), dtype=x.dtype, device=dev)
+            wgrad(dpre, dummy, rowscale, scratch, lsum, A=N, B=1, per_task=False)
         db = lsum.sum(0).to(bias.dtype)
     dV, dG = empty(), empty()
     if need_r:

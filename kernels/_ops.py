@@ -223,6 +223,19 @@ def triton_tarp(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, 
                 residual, activation, hard_skip) -> Tensor:
     """Run the registered ops for an already validated call (``spec`` from ``check_tarp_args``)."""
     M, Kd, N = spec.M, spec.K, spec.N
+    if task_index is not None:
+        task_index = task_index.contiguous()  # the schedule kernels read it with unit stride
+    empty_factors = ()
+    if U is not None and spec.rank == 0:
+        # rank 0: the delta U S(x) V x is exactly 0. The kernels run without it (a zero-width
+        # factor would be read out of bounds) and the empty factors get their gradients below.
+        empty_factors = tuple(t for t in (U, V, G) if t is not None)
+        U = V = G = None
+    kernel_task_index = task_index
+    if task_index is not None and U is None and P is None:
+        # no per-task factor left (rank 0, no P): every row runs the same weights; per-task
+        # gates were read per row by _row_gate with the real task_index
+        kernel_task_index = None
     x2 = x.reshape(M, Kd).contiguous()
     w = weight.contiguous()
     if P is not None:
@@ -231,6 +244,9 @@ def triton_tarp(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, 
     res = residual.reshape(M, N).contiguous() if residual is not None else None
     g = _row_gate(gate, spec.gate_kind, task_index, M, x)
     sg = _row_gate(skip_gate, spec.skip_kind, task_index, M, x)
-    y = triton_tarp_fwd(x2, w, cont(bias), cont(U), cont(V), cont(G), task_index, g, sg, res,
+    y = triton_tarp_fwd(x2, w, cont(bias), cont(U), cont(V), cont(G), kernel_task_index, g, sg, res,
                         float(scaling), activation, bool(hard_skip))[0]
+    if any(t.requires_grad for t in empty_factors) and torch.is_grad_enabled():
+        # + 0 (a sum over no elements): connects the rank-0 factors, whose gradients are empty
+        y = y + sum(t.sum() for t in empty_factors).to(y.dtype)
     return y.reshape(spec.out_shape)

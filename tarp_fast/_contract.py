@@ -87,12 +87,30 @@ def _check_tensor(name: str, t, x: torch.Tensor, *, floating: bool = True) -> No
         )
 
 
-def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
-    if tuple(t.shape) != tuple(expected):
-        exp = "[" + ", ".join(str(s) for s in expected) + "]"
-        raise ValueError(
-            f"tarp_linear: argument '{name}' must have shape {exp} ({meaning}), got {_shape(t)}"
-        )
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _vote(sources):
+    """The size most of ``sources`` (``[(argument, size or None)]``, in priority order) agree on.
+
+    Returns ``(size, supporters)``; ties go to the size of the earliest source in the list (a
+    ``None`` size, e.g. a ``G`` whose row count is not a square, agrees with nothing).
+    """
+    counts: dict = {}
+    for _, v in sources:
+        if v is not None:
+            counts[v] = counts.get(v, 0) + 1
+    if not counts:
+        return None, []
+    best = max(counts.values())
+    size = next(v for _, v in sources if v is not None and counts[v] == best)
+    return size, [n for n, v in sources if v == size]
+
+
+def _expect_dims(name: str, t: torch.Tensor, dims: int, layout: str) -> None:
+    if t.dim() != dims:
+        raise ValueError(f"tarp_linear: argument '{name}' must be {dims}-D {layout}, got {_shape(t)}")
 
 
 def _gate_kind(name: str, g: GateLike, x: torch.Tensor, M: int, T: int, multi: bool) -> str:
@@ -147,6 +165,20 @@ def check_tarp_args(
     Raises ``TypeError`` for wrong types/dtypes, ``ValueError`` for wrong shapes or values and
     ``RuntimeError`` for device mismatches. Task indices are not range-checked here (that needs a
     device sync); the reference backend checks them, fast backends document their behaviour.
+
+    Which argument a size mismatch is blamed on: each size is read from every argument that
+    carries it (``K``: weight, x, V, G, Q; ``N``: weight, bias, U, P, residual; ``r``: U, V and
+    G's ``r*r`` rows; ``q``: P, Q; ``T``: the stacked factors) and the value most of them agree on
+    wins; a tie goes to the first of that list (the weight for ``K`` and ``N``, ``U`` for ``r`` and
+    ``T``, ``P`` for ``q``). The error names the first argument (in signature order) that
+    disagrees, the shape it must have and the arguments that size was read from. So a weight
+    with one row too many is blamed on ``weight`` (bias and U agree on ``N``), a weight with
+    one column too many on ``weight`` (x and the factors agree on ``K``) and a ``U [T+1, N, r]``
+    on ``U`` (V, G, P and Q agree on ``T``). ``M`` is always x's (rows of x).
+
+    Rank ``r = 0`` (``U [N, 0]``, ``V [0, K]``, ``G [0, K]``) is valid: the delta is exactly 0 and
+    the factors' gradients are (empty) zeros. ``K = 0``, ``N = 0`` and ``M = 0`` are valid too:
+    with ``K = 0`` the output is ``act(bias)`` (gated, plus skip and residual).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tarp_linear: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
@@ -154,19 +186,13 @@ def check_tarp_args(
         raise TypeError(f"tarp_linear: argument 'x' must be a floating tensor, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError("tarp_linear: argument 'x' must have at least 1 dimension [..., K], got a scalar")
+
+    # ---- types, devices and dtypes of every tensor argument ---------------------------------
     _check_tensor("weight", weight, x)
-    if weight.dim() != 2:
-        raise ValueError(f"tarp_linear: argument 'weight' must be 2-D [N, K], got {_shape(weight)}")
-    N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(
-            f"tarp_linear: argument 'x' must have last dimension K={K} (weight is {_shape(weight)}), "
-            f"got {_shape(x)}"
-        )
-    M = x.numel() // K if K > 0 else int(math.prod(x.shape[:-1]))
-    if bias is not None:
-        _check_tensor("bias", bias, x)
-        _expect_shape("bias", bias, (N,), "out_features")
+    named = (("bias", bias), ("U", U), ("V", V), ("G", G), ("P", P), ("Q", Q), ("residual", residual))
+    for name, t in named:
+        if t is not None:
+            _check_tensor(name, t, x)
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"tarp_linear: argument 'activation' must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(hard_skip, bool):
@@ -176,14 +202,7 @@ def check_tarp_args(
             raise TypeError(f"tarp_linear: argument '{name}' must be a Python float, got {type(val).__name__}")
         if not math.isfinite(float(val)):
             raise ValueError(f"tarp_linear: argument '{name}' must be finite, got {val}")
-
-    # ---- tasks -------------------------------------------------------------------------
     multi = task_index is not None
-    factor_3d = [
-        n for n, t in (("U", U), ("V", V), ("G", G), ("P", P), ("Q", Q))
-        if isinstance(t, torch.Tensor) and t.dim() == 3
-    ]
-    T = 1
     if multi:
         if not isinstance(task_index, torch.Tensor):
             raise TypeError(
@@ -195,32 +214,8 @@ def check_tarp_args(
             raise RuntimeError(
                 f"tarp_linear: argument 'task_index' must be on the device of x ({x.device}), got {task_index.device}"
             )
-        if tuple(task_index.shape) != (M,):
-            raise ValueError(
-                f"tarp_linear: argument 'task_index' must have shape [M]=[{M}] (one task per row of x), "
-                f"got {_shape(task_index)}"
-            )
-        stacked = [t for t in (U, P) if t is not None]
-        if not stacked:
-            raise ValueError(
-                "tarp_linear: argument 'task_index' needs per-task factors (U [T, N, r] or P [T, N, q]), got neither"
-            )
-        if stacked[0].dim() != 3:
-            raise ValueError(
-                f"tarp_linear: with 'task_index' the factors must have a leading task dimension, "
-                f"got {'U' if U is not None else 'P'} of shape {_shape(stacked[0])}"
-            )
-        T = stacked[0].shape[0]
-        if T < 1:
-            raise ValueError("tarp_linear: the task dimension of the factors must be at least 1, got 0")
-    elif factor_3d:
-        raise ValueError(
-            f"tarp_linear: argument '{factor_3d[0]}' has a task dimension but 'task_index' is None; "
-            "pass task_index [M] (int64) to select a task per row"
-        )
-    lead = (T,) if multi else ()
 
-    # ---- additive delta ----------------------------------------------------------------
+    # ---- which arguments go together -----------------------------------------------------------
     if (U is None) != (V is None):
         raise ValueError(
             "tarp_linear: arguments 'U' and 'V' must be given together, got "
@@ -228,38 +223,111 @@ def check_tarp_args(
         )
     if G is not None and U is None:
         raise ValueError("tarp_linear: argument 'G' needs 'U' and 'V', got G alone")
-    rank = 0
-    if U is not None:
-        _check_tensor("U", U, x)
-        _check_tensor("V", V, x)
-        if U.dim() != len(lead) + 2:
-            raise ValueError(
-                f"tarp_linear: argument 'U' must be {'[T, N, r]' if multi else '[N, r]'}, got {_shape(U)}"
-            )
-        rank = U.shape[-1]
-        _expect_shape("U", U, lead + (N, rank), "N=out_features, r=rank")
-        _expect_shape("V", V, lead + (rank, K), "r=rank from U, K=in_features")
-        if G is not None:
-            _check_tensor("G", G, x)
-            _expect_shape("G", G, lead + (rank * rank, K), "r*r rows, K=in_features")
-
-    # ---- multiplicative term -----------------------------------------------------------
     if (P is None) != (Q is None):
         raise ValueError(
             "tarp_linear: arguments 'P' and 'Q' must be given together, got "
             + ("P without Q" if Q is None else "Q without P")
         )
-    scale_rank = 0
-    if P is not None:
-        _check_tensor("P", P, x)
-        _check_tensor("Q", Q, x)
-        if P.dim() != len(lead) + 2:
+
+    # ---- numbers of dimensions -----------------------------------------------------------------
+    _expect_dims("weight", weight, 2, "[N, K]")
+    if bias is not None:
+        _expect_dims("bias", bias, 1, "[N]")
+    layouts = dict(U="[N, r]", V="[r, K]", G="[r*r, K]", P="[N, q]", Q="[q, K]")
+    factors = [(n, t) for n, t in (("U", U), ("V", V), ("G", G), ("P", P), ("Q", Q)) if t is not None]
+    if multi:
+        if U is None and P is None:
             raise ValueError(
-                f"tarp_linear: argument 'P' must be {'[T, N, q]' if multi else '[N, q]'}, got {_shape(P)}"
+                "tarp_linear: argument 'task_index' needs per-task factors (U [T, N, r] or P [T, N, q]), got neither"
             )
-        scale_rank = P.shape[-1]
-        _expect_shape("P", P, lead + (N, scale_rank), "N=out_features, q=scale rank")
-        _expect_shape("Q", Q, lead + (scale_rank, K), "q=scale rank from P, K=in_features")
+        for n, t in factors:
+            if t.dim() != 3:
+                raise ValueError(
+                    f"tarp_linear: argument '{n}' must be 3-D [T, {layouts[n][1:]} with 'task_index' (the factors "
+                    f"need a leading task dimension), got {_shape(t)}"
+                )
+    else:
+        for n, t in factors:
+            if t.dim() == 3:
+                raise ValueError(
+                    f"tarp_linear: argument '{n}' has a task dimension but 'task_index' is None; "
+                    "pass task_index [M] (int64) to select a task per row"
+                )
+            if t.dim() != 2:
+                raise ValueError(
+                    f"tarp_linear: argument '{n}' must be 2-D {layouts[n]} (or 3-D [T, {layouts[n][1:]} with "
+                    f"'task_index'), got {_shape(t)}"
+                )
+
+    # ---- sizes: each read from every argument that carries it, the majority wins -----------------
+    def square_root(rows: int):
+        root = math.isqrt(rows)
+        return root if root * root == rows else None
+
+    K, K_from = _vote([("weight", weight.shape[1]), ("x", x.shape[-1])]
+                      + [(n, t.shape[-1]) for n, t in (("V", V), ("G", G), ("Q", Q)) if t is not None])
+    N_src = [("weight", weight.shape[0])] + [(n, t.shape[-2 if n in ("U", "P") else 0]) for n, t in
+                                            (("bias", bias), ("U", U), ("P", P)) if t is not None]
+    if residual is not None and residual.dim() >= 1:
+        N_src.append(("residual", residual.shape[-1]))
+    N, N_from = _vote(N_src)
+    rank, r_from = 0, []
+    if U is not None:
+        rank, r_from = _vote([("U", U.shape[-1]), ("V", V.shape[-2])]
+                             + ([("G", square_root(G.shape[-2]))] if G is not None else []))
+    scale_rank, q_from = 0, []
+    if P is not None:
+        scale_rank, q_from = _vote([("P", P.shape[-1]), ("Q", Q.shape[-2])])
+    T, T_from = 1, []
+    if multi:
+        T, T_from = _vote([(n, t.shape[0]) for n, t in factors])
+    M = math.prod(x.shape[:-1])
+    sizes = dict(T=(T, T_from), N=(N, N_from), K=(K, K_from), r=(rank, r_from), q=(scale_rank, q_from))
+
+    def blame(name: str, t: torch.Tensor, layout: tuple, expected: tuple) -> None:
+        if tuple(t.shape) == tuple(expected):
+            return
+        why = []
+        for dim, want, got in zip(layout, expected, t.shape):
+            if want == got:
+                continue
+            letter = "r" if dim == "r*r" else dim
+            if letter in sizes:
+                value, sources = sizes[letter]
+                others = [s for s in sources if s != name]
+                why.append(f"{letter}={value}" + (f" as in {', '.join(others)}" if others else ""))
+        exp = _fmt(expected)
+        raise ValueError(
+            f"tarp_linear: argument '{name}' must have shape {exp} ([{', '.join(layout)}]"
+            + (f"; {'; '.join(why)}" if why else "") + f"), got {_shape(t)}"
+        )
+
+    if x.shape[-1] != K:
+        raise ValueError(
+            f"tarp_linear: argument 'x' must have last dimension K={K} (K as in "
+            f"{', '.join(s for s in K_from if s != 'x')}; weight is {_shape(weight)}), got {_shape(x)}"
+        )
+    lead = ("T",) if multi else ()
+    lead_size = (T,) if multi else ()
+    blame("weight", weight, ("N", "K"), (N, K))
+    if bias is not None:
+        blame("bias", bias, ("N",), (N,))
+    if U is not None:
+        blame("U", U, lead + ("N", "r"), lead_size + (N, rank))
+        blame("V", V, lead + ("r", "K"), lead_size + (rank, K))
+        if G is not None:
+            blame("G", G, lead + ("r*r", "K"), lead_size + (rank * rank, K))
+    if P is not None:
+        blame("P", P, lead + ("N", "q"), lead_size + (N, scale_rank))
+        blame("Q", Q, lead + ("q", "K"), lead_size + (scale_rank, K))
+    if multi:
+        if T < 1:
+            raise ValueError("tarp_linear: the task dimension of the factors must be at least 1, got 0")
+        if tuple(task_index.shape) != (M,):
+            raise ValueError(
+                f"tarp_linear: argument 'task_index' must have shape [M]=[{M}] (one task per row of x), "
+                f"got {_shape(task_index)}"
+            )
 
     # ---- epilogue -----------------------------------------------------------------------
     gate_kind = _gate_kind("gate", gate, x, M, T, multi)
@@ -269,11 +337,12 @@ def check_tarp_args(
             f"tarp_linear: argument 'skip_gate' needs out_features == in_features, got N={N}, K={K}"
         )
     out_shape = tuple(x.shape[:-1]) + (N,)
-    if residual is not None:
-        _check_tensor("residual", residual, x)
-        if tuple(residual.shape) != out_shape:
-            exp = "[" + ", ".join(str(s) for s in out_shape) + "]"
-            raise ValueError(f"tarp_linear: argument 'residual' must have shape {exp} (x's rows, N), got {_shape(residual)}")
+    if residual is not None and tuple(residual.shape) != out_shape:
+        others = [s for s in N_from if s != "residual"]
+        raise ValueError(
+            f"tarp_linear: argument 'residual' must have shape {_fmt(out_shape)} (x's rows {_fmt(x.shape[:-1])}, "
+            f"N={N} as in {', '.join(others)}), got {_shape(residual)}"
+        )
 
     return TarpSpec(
         M=M, K=K, N=N, rank=rank, scale_rank=scale_rank, num_tasks=T,

@@ -15,6 +15,11 @@ Math (DESIGN.md §2), for row ``m`` of ``x [M, K]`` with task ``t``::
 With ``hard_skip=True`` rows whose gate is exactly 0 are not computed (their output is
 ``skip_gate_m · x_m + residual_m`` and their gate gradient is 0). The reference compacts the kept
 rows with ``nonzero`` (a host sync), so its compute also falls with the kept fraction.
+
+Several tasks are computed task by task on each task's own rows (gathered by index, never
+masked by multiplication), so a NaN or inf stays where the math puts it: in its own rows and its
+own task's factor gradients, as in the native and Triton backends (``0 · NaN = NaN`` would let a
+one-hot mask spread one task's NaN to every row).
 """
 
 from __future__ import annotations
@@ -42,58 +47,79 @@ def activation_fn(name: str, pre: torch.Tensor) -> torch.Tensor:
     return pre
 
 
-def _select_task(per_task_rows: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-    """``[M, T, d] -> [M, d]``: row m keeps its own task's slice (differentiable gather)."""
-    rows = torch.arange(per_task_rows.shape[0], device=per_task_rows.device)
-    return per_task_rows[rows, task_index]
+def _base(x, weight, bias, P, Q, scale_offset):
+    """``W x + bias`` with ``W = weight ⊙ softplus(P Q + scale_offset)`` (or ``weight``): ``[m, N]``.
 
-
-def _base(spec: TarpSpec, x, weight, bias, P, Q, scale_offset, task_index):
-    """``W_t x + bias`` for every row: ``[M, N]``.
-
-    The single-task path is exactly ``F.linear`` (bias fused as in ``nn.Linear``), so a layer
-    whose delta is zero reproduces its base bitwise.
+    Exactly ``F.linear`` (bias fused as in ``nn.Linear``), so a layer whose delta is zero
+    reproduces its base bitwise.
     """
     if P is None:
         return F.linear(x, weight, bias)
-    scale = F.softplus(torch.matmul(P, Q) + scale_offset)  # [N, K] or [T, N, K]
-    w_eff = weight * scale
-    if not spec.multi_task:
-        return F.linear(x, w_eff, bias)
-    # Every task's product for every row, then each row keeps its own: T x the work, no sync.
-    out = _select_task(torch.einsum("mk,tnk->mtn", x, w_eff), task_index)
-    return out + bias if bias is not None else out
+    return F.linear(x, weight * F.softplus(torch.matmul(P, Q) + scale_offset), bias)
 
 
-def _delta(spec: TarpSpec, x, U, V, G, task_index):
-    """``U_t (S h)`` for every row: ``[M, N]`` (before ``scaling``)."""
-    M, r, T = x.shape[0], spec.rank, spec.num_tasks
-    if not spec.multi_task:
-        h = F.linear(x, V)  # [M, r]
-        if G is None:
-            return F.linear(h, U)
-        S = F.linear(x, G).reshape(M, r, r)
-        z = torch.bmm(S, h.unsqueeze(-1)).squeeze(-1)
-        return F.linear(z, U)
-    # Several tasks: project onto every task's factors (T*r and T*r*r wide: cheap), keep the
-    # row's own task, then expand z into its task's slot so one GEMM applies every U_t.
-    h = _select_task(F.linear(x, V.reshape(T * r, -1)).reshape(M, T, r), task_index)
+def _delta(x, U, V, G):
+    """``U (S h)`` (before ``scaling``) for rows ``x [m, K]`` that share one task's factors."""
+    m, r = x.shape[0], U.shape[-1]
+    h = F.linear(x, V)  # [m, r]
     if G is None:
         z = h
     else:
-        S = _select_task(F.linear(x, G.reshape(T * r * r, -1)).reshape(M, T, r * r), task_index)
-        z = torch.bmm(S.reshape(M, r, r), h.unsqueeze(-1)).squeeze(-1)
-    one_hot = F.one_hot(task_index, T).to(z.dtype)  # [M, T]
-    z_slots = (one_hot.unsqueeze(-1) * z.unsqueeze(1)).reshape(M, T * r)
-    U_cat = U.permute(1, 0, 2).reshape(U.shape[1], T * r)  # [N, T*r]
-    return F.linear(z_slots, U_cat)
+        S = F.linear(x, G).reshape(m, r, r)
+        z = torch.bmm(S, h.unsqueeze(-1)).squeeze(-1)
+    return F.linear(z, U)
+
+
+def _groups(task_index, T):
+    """``(order, counts, inverse)``: rows sorted by task, rows per task (a host sync), and the
+    permutation that puts the sorted rows back in row order."""
+    order = torch.argsort(task_index, stable=True)
+    counts = torch.bincount(task_index, minlength=T).tolist()
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return order, counts, inverse
+
+
+def _per_task(x, groups, fn):
+    """``fn(t, x_t)`` on each task's own rows ``x_t``, put back in row order: ``[M, N]``.
+
+    The rows are gathered by index: a row never meets another task's factors, not even multiplied
+    by 0, so a NaN or inf in one task's factors (or in one row) reaches only that task's rows and
+    that task's factor gradients (a one-hot mask would spread it: 0 · NaN = NaN). Every task runs,
+    also one without rows, so its factors get (zero) gradients.
+    """
+    order, counts, inverse = groups
+    parts, start = [], 0
+    for t, count in enumerate(counts):
+        parts.append(fn(t, x.index_select(0, order[start:start + count])))
+        start += count
+    return torch.cat(parts).index_select(0, inverse)
+
+
+def _pre(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, scaling, scale_offset, task_index):
+    """``pre = W_t x + bias + scaling · U_t (S h)`` for the rows of ``x [M, K]``: ``[M, N]``."""
+    if not spec.multi_task:
+        pre = _base(x, weight, bias, P, Q, scale_offset)
+        return pre + scaling * _delta(x, U, V, G) if U is not None else pre
+    # the order of the single-task path (base product with bias, then + scaling · delta), which
+    # the reference always used (so float16/bfloat16 round as before); each per-task term is
+    # computed on its own task's rows only
+    T = spec.num_tasks
+    groups = _groups(task_index, T)
+    Us, Vs, Gs, Ps, Qs = (t.unbind(0) if t is not None else (None,) * T for t in (U, V, G, P, Q))
+    if P is None:
+        pre = F.linear(x, weight, bias)  # shared by every task: no grouping needed
+    else:
+        pre = _per_task(x, groups, lambda t, xt: _base(xt, weight, None, Ps[t], Qs[t], scale_offset))
+        pre = pre + bias if bias is not None else pre
+    if U is not None:
+        pre = pre + scaling * _per_task(x, groups, lambda t, xt: _delta(xt, Us[t], Vs[t], Gs[t]))
+    return pre
 
 
 def _activated(spec, x, weight, bias, U, V, G, P, Q, scaling, scale_offset, task_index):
     """``act(pre)`` for the rows of ``x [M, K]``."""
-    pre = _base(spec, x, weight, bias, P, Q, scale_offset, task_index)
-    if U is not None:
-        pre = pre + scaling * _delta(spec, x, U, V, G, task_index)
+    pre = _pre(spec, x, weight, bias, U, V, G, P, Q, scaling, scale_offset, task_index)
     return activation_fn(spec.activation, pre)
 
 

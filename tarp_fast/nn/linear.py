@@ -71,7 +71,9 @@ class TARPLinear(nn.Linear):
 
     ``forward(x, *, task_index=None, gate=None, skip_gate=None, residual=None)`` calls
     :func:`tarp_fast.ops.tarp_linear`; ``backend`` (attribute, default ``"auto"``) picks its
-    backend.
+    backend. ``task_index`` (``[M]``, x's leading shape or ``[batch]``) must hold integers: int64,
+    or another integer dtype (converted to int64); a float or bool ``task_index`` is a
+    ``TypeError``, never rounded to a task.
     """
 
     def __init__(
@@ -212,6 +214,8 @@ class TARPLinear(nn.Linear):
         return w + self.scaling * kron
 
     def forward(self, x, *, task_index=None, gate=None, skip_gate=None, residual=None):
+        if isinstance(task_index, torch.Tensor):
+            _integer_task_index(task_index)  # also when a single-task layer ignores it: never a float
         ctx = current_context()
         hard_skip = False
         if ctx is not None:
@@ -246,6 +250,7 @@ class TARPLinear(nn.Linear):
             )
         if not isinstance(task_index, torch.Tensor):
             task_index = torch.as_tensor(task_index, device=x.device)
+        _integer_task_index(task_index)
         task_index = task_index.to(device=x.device, dtype=torch.int64)
         lead = tuple(x.shape[:-1])
         if tuple(task_index.shape) == lead:
@@ -311,6 +316,18 @@ class TARPLinear(nn.Linear):
         if self._conv1d_layout:
             parts.append("from=Conv1D")
         return ", ".join(parts)
+
+
+def _integer_task_index(task_index: torch.Tensor) -> None:
+    """Reject a float, complex or bool ``task_index`` (never rounded: 0.9 is not task 0).
+
+    Integer dtypes other than int64 (int32, uint8, ...) are accepted and converted to int64.
+    """
+    if task_index.is_floating_point() or task_index.is_complex() or task_index.dtype == torch.bool:
+        raise TypeError(
+            f"TARPLinear.forward: argument 'task_index' must be int64 (or another integer dtype, converted "
+            f"to int64), got {task_index.dtype}"
+        )
 
 
 def _check_config(rank, variant, scale_rank, scaling, num_tasks, init) -> None:
