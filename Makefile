@@ -11,7 +11,7 @@ export MAX_JOBS
 
 COMPAT_VENV ?= .venv-compat
 
-.PHONY: install test test-cpu test-interpreter test-bench-smoke test-compat demo bench compile-check lint clean
+.PHONY: install test test-cpu test-order test-interpreter test-bench-smoke test-compat demo bench compile-check lint clean
 
 $(VENV)/.deps-installed: requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,17 @@ install: $(VENV)/.deps-installed
 # Triton interpreter tier in its own process (TRITON_INTERPRET must be set before Python starts),
 # then one correctness-checked pass over the benchmark harness, then the compile and interpreter
 # tiers again with the oldest supported toolchain (requirements-compat.txt: Triton 3.6).
-test: install test-cpu test-interpreter test-bench-smoke test-compat
+test: install test-cpu test-order test-interpreter test-bench-smoke test-compat
 
 test-cpu: install
 	$(PYTEST) -q -m "not interpreter"
+
+# The CPU tier again in other orders (pytest-reverse, pytest-random-order with a fixed seed, so
+# the order is the same in every run): a test that passes only after, or before, another fails here.
+ORDER_SEED ?= 20261130
+test-order: install
+	$(PYTEST) -q -p no:cacheprovider -m "not interpreter and not compile and not slow" --reverse
+	$(PYTEST) -q -p no:cacheprovider -m "not interpreter and not compile and not slow" --random-order-bucket=global --random-order-seed=$(ORDER_SEED)
 
 test-interpreter: install
 	TRITON_INTERPRET=1 $(PYTEST) -q -m interpreter; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]

@@ -2,17 +2,28 @@
 
 * ``tarp_fast`` (the package) and the top-level ``kernels/`` folder, installed as
   ``tarp_fast.kernels``. Packages are listed explicitly; ``package_dir`` maps the kernels.
-* ``tarp_fast._C``: the optional native extension built from ``csrc/`` (see ``_extensions``).
-  Set ``TARP_FAST_NO_EXT=1`` to skip it. Build with ``--no-build-isolation`` so it compiles
-  against the torch you already have.
+* ``tarp_fast/_csrc/``: a copy of the C++/CUDA sources of ``csrc/`` (the files
+  ``tarp_fast/_build_config.py`` lists), so an installed package can build its extension on
+  first use (``tarp_fast._jit``) when the install could not.
+* ``tarp_fast._C``: the native extension, built here only when torch is importable at build
+  time (``pip install --no-build-isolation .``; see ``csrc_build.py``). A default (isolated)
+  ``pip install`` has no torch in its build environment: the wheel is pure Python and the
+  extension compiles on first use instead, against the torch actually imported.
+  ``TARP_FAST_NO_EXT=1`` skips it here (and at run time, the build on first use).
+
+The version is ``__version__`` in ``tarp_fast/__init__.py``, read here as text.
 """
 
 import os
+import re
+import shutil
 import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
 
 PACKAGES = [
     "tarp_fast",
@@ -24,12 +35,20 @@ PACKAGES = [
 ]
 
 
+def _version():
+    with open(os.path.join(HERE, "tarp_fast", "__init__.py"), encoding="utf-8") as f:
+        match = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M)
+    if match is None:
+        raise RuntimeError("tarp_fast/__init__.py has no __version__ = \"...\" line")
+    return match.group(1)
+
+
 def _existing(packages):
     """Keep the packages whose folder exists (later issues add tams/meta/data)."""
     out = []
     for pkg in packages:
         folder = "kernels" if pkg == "tarp_fast.kernels" else pkg.replace(".", os.sep)
-        if os.path.isfile(os.path.join(folder, "__init__.py")):
+        if os.path.isfile(os.path.join(HERE, folder, "__init__.py")):
             out.append(pkg)
     return out
 
@@ -47,13 +66,40 @@ def _extensions():
     return extension_modules()
 
 
+class BuildPyWithSources(build_py):
+    """build_py that also copies the extension's sources into ``tarp_fast/_csrc`` of the build."""
+
+    def _csrc_files(self):
+        from csrc_build import config  # noqa: PLC0415
+
+        src = os.path.join(HERE, "csrc")
+        dst = os.path.join(self.build_lib, "tarp_fast", config.PACKAGED_SOURCES)
+        return [(os.path.join(src, n), os.path.join(dst, n)) for n in config.source_files(src)]
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return  # an editable install builds from the checkout's csrc/ (tarp_fast._build_config.source_dir)
+        for src, dst in self._csrc_files():
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(src, dst)
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = list(super().get_outputs(include_bytecode))
+        if not getattr(self, "editable_mode", False):
+            outputs += [dst for _, dst in self._csrc_files()]
+        return outputs
+
+
 ext_modules, cmdclass = _extensions()
+cmdclass = {**cmdclass, "build_py": BuildPyWithSources}
 
 setup(
     name="tarp-fast",
-    version="0.1.0",
+    version=_version(),
     description="Fused Triton/CUDA kernels for dynamic low-rank reparameterization (MLtD: TARP, TAMS, preparation)",
-    long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_existing(PACKAGES),
@@ -65,9 +111,12 @@ setup(
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",
+        # Runs the native extension's build on first use (torch.utils.cpp_extension.load).
+        "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "peft", "ninja", "pybind11"],
+        "peft": ["peft>=0.13"],
+        "test": ["pytest", "pytest-benchmark", "peft", "pybind11", "build"],
     },
     entry_points={"console_scripts": ["tarp-fast=tarp_fast.cli:main"]},
     ext_modules=ext_modules,

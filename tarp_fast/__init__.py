@@ -7,7 +7,7 @@ Public surface (DESIGN.md §4): :func:`tarp_linear`, :class:`TARPLinear`, :func:
 Importing needs neither a GPU, nor Triton, nor the compiled extension.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version number: setup.py reads this line
 
 from . import ops, reference, tams
 from ._ext import ext_info

@@ -1,12 +1,25 @@
-"""Loading of the optional native extension ``tarp_fast._C`` and :func:`ext_info`.
+"""Loading of the native extension ``tarp_fast._C`` and :func:`ext_info`.
 
-Nothing here runs at ``import tarp_fast``: the module is imported on the first call of
-:func:`load_extension` / :func:`ext_info` (or by ``backend="native"``). Loading never raises: a
-missing or unusable extension becomes a readable reason. Before the compiled module is imported,
-the torch version it was built against (``_C.build.json``, written by ``csrc_build.py``) is
-compared with the running torch: a module built against another torch would fail with an
-undefined symbol at best, or crash, so it is not loaded at all and the reason says how to rebuild.
-Nothing here touches ``torch.cuda``.
+Nothing here runs at ``import tarp_fast``: the module is loaded on the first call of
+:func:`load_extension` / :func:`ext_info` (or by ``backend="native"``, or ``"auto"`` on CPU).
+Where it comes from, first match wins:
+
+1. ``"aot"``: the module built at install time (``pip install --no-build-isolation .``) beside
+   the package, when it was built against the running torch. Before it is imported, the torch
+   version it was built against (``_C.build.json``, written by ``csrc_build.py``) is compared with
+   the running torch: a module built against another torch would fail with an undefined symbol
+   at best, or crash, so it is not imported at all.
+2. ``"jit-cache"``: a module built earlier on first use (or by ``python -m tarp_fast.build``) for
+   this torch and these sources, in torch's extensions folder (``tarp_fast._jit``).
+3. ``"jit-built"``: built now, from the sources shipped in the package (about 40 s for the CPU
+   part on 2 cores; one process builds, concurrent ones wait). Never with ``TARP_FAST_NO_EXT=1``
+   ("never compile": what is already built still loads).
+
+With ``sys.modules["tarp_fast._C"] = None`` (the import blocked on purpose) neither 2 nor 3 runs.
+
+Loading never raises: a missing or unusable extension becomes a readable reason, and a build
+that failed or could not run warns once (``RuntimeWarning``) with the reason and the log file;
+the other backends keep working. Nothing here touches ``torch.cuda``.
 """
 
 from __future__ import annotations
@@ -15,8 +28,10 @@ import importlib
 import importlib.util
 import json
 import os
+import sys
 import threading
-from typing import Any, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -25,10 +40,23 @@ __all__ = ["ext_info", "load_extension", "BUILD_INFO_NAME"]
 BUILD_INFO_NAME = "_C.build.json"
 _REBUILD = (
     "rebuild it against this torch: `pip install --no-build-isolation --no-deps --force-reinstall "
-    "--no-cache-dir .` (or `-e .` for a checkout); set TARP_FAST_NO_EXT=1 to install without it"
+    "--no-cache-dir .` (or `-e .` for a checkout), or let it build on first use (unset TARP_FAST_NO_EXT; "
+    "`python -m tarp_fast.build` prebuilds it)"
 )
 _lock = threading.Lock()
-_state: Optional[tuple[Optional[Any], Optional[str]]] = None
+
+
+class _Loaded(NamedTuple):
+    module: Optional[Any]
+    reason: Optional[str]
+    source: Optional[str] = None  # "aot" | "jit-cache" | "jit-built"
+    info: Optional[dict[str, Any]] = None  # the build info of the loaded (or attempted) module
+    log: Optional[str] = None  # the JIT build log
+    build_dir: Optional[str] = None  # the JIT cache folder
+    warn: bool = False  # a JIT build was wanted and failed or could not run
+
+
+_state: Optional[_Loaded] = None
 
 
 def _build_info() -> tuple[Optional[dict[str, Any]], Optional[str]]:
@@ -50,16 +78,57 @@ def _same_torch(built: str, running: str) -> bool:
     )
 
 
+def _no_ext() -> bool:
+    return os.environ.get("TARP_FAST_NO_EXT", "0") not in ("", "0")
+
+
 def load_extension() -> tuple[Optional[Any], Optional[str]]:
-    """Import ``tarp_fast._C`` once; return ``(module, None)`` or ``(None, reason)``."""
+    """Load ``tarp_fast._C`` once (AOT, else JIT cache, else JIT build); ``(module, None)`` or ``(None, reason)``."""
     global _state
     with _lock:
         if _state is None:
-            _state = _load()
-        return _state
+            _state = _load_any()
+            if _state.warn:  # once per process: the state is kept
+                warnings.warn(f"tarp-fast: the native backend is unavailable, the other backends run instead: "
+                              f"{_state.reason}", RuntimeWarning, stacklevel=3)
+        return _state.module, _state.reason
+
+
+def _load_any() -> _Loaded:
+    blocked = "tarp_fast._C" in sys.modules and sys.modules["tarp_fast._C"] is None
+    mod, aot_reason = _load()
+    if mod is not None:
+        return _Loaded(mod, None, "aot", _build_info()[0])
+    if blocked or sys.modules.get("tarp_fast._C") is not None:
+        # Blocked on purpose, or an AOT module was imported but registered no ops: a second
+        # library registering the same op namespace would fail, so no JIT build either.
+        why = " (its import is blocked: sys.modules['tarp_fast._C'] is None)" if blocked else ""
+        return _Loaded(None, aot_reason + why)
+    # An installed module that cannot be used (another torch, an import error) is worth naming.
+    aot_note = "" if importlib.util.find_spec("tarp_fast._C") is None else f" (the installed one is unusable: {aot_reason})"
+    no_ext = _no_ext()
+    try:
+        from . import _jit  # noqa: PLC0415
+
+        jit = _jit.ensure(allow_build=not no_ext)
+    except Exception as exc:  # an unwritable cache folder, a lock that cannot be taken, ...
+        return _Loaded(None, f"tarp_fast._C is not built: the build on first use could not run "
+                             f"({type(exc).__name__}: {exc}); set TORCH_EXTENSIONS_DIR to a writable folder, or "
+                             f"TARP_FAST_NO_EXT=1 to skip it{aot_note}", warn=True)
+    if jit.module is None:
+        hint = "" if no_ext else "; set TARP_FAST_NO_EXT=1 to skip it"
+        return _Loaded(None, f"tarp_fast._C is not built: {jit.reason}{hint}{aot_note}",
+                       None, jit.info, jit.log, jit.build_dir, warn=jit.warn)
+    try:
+        torch.ops.tarp_fast.native_tarp_fwd.default  # noqa: B018  (registered by the import)
+    except (AttributeError, RuntimeError) as exc:
+        return _Loaded(None, f"the JIT-built tarp_fast._C in {jit.build_dir} registered no ops ({exc})",
+                       None, jit.info, jit.log, jit.build_dir)
+    return _Loaded(jit.module, None, jit.source, jit.info, jit.log, jit.build_dir)
 
 
 def _load() -> tuple[Optional[Any], Optional[str]]:
+    """The ahead-of-time step: import the installed ``tarp_fast._C`` if built against this torch."""
     if importlib.util.find_spec("tarp_fast._C") is None:
         return None, (
             "tarp_fast._C is not built (installed with TARP_FAST_NO_EXT=1, without a C++ compiler, "
@@ -94,10 +163,19 @@ def ext_info() -> dict[str, Any]:
     * ``cpu``: ``{"built": bool, "openmp": bool, "threads": torch.get_num_threads()}``,
     * ``cuda``: ``{"built": bool, "reason": str or None, "archs": "8.0;9.0", "nvcc": ...}``,
     * ``build``: the recorded build info (torch and CUDA versions, compiler, flags, seconds), or
-      None, and ``torch`` (the running version).
+      None, and ``torch`` (the running version),
+    * ``source``: ``"aot"`` (built at install), ``"jit-cache"`` (built earlier on first use or by
+      ``python -m tarp_fast.build``), ``"jit-built"`` (built by this process), or None,
+    * ``log``: the JIT build's compiler output (None for an AOT module), ``cache_dir``: the JIT
+      cache folder (None when the JIT path was not taken).
     """
     mod, reason = load_extension()
-    info, why = _build_info()
+    state = _state
+    jit = state is not None and (state.build_dir is not None or (state.source or "").startswith("jit"))
+    if jit and state.info is not None:
+        info, why = state.info, None
+    else:
+        info, why = _build_info()
     ops = []
     if mod is not None:
         for name in ("native_tarp_fwd", "native_tarp_bwd", "build_info", "compact_rows", "group_by_task",
@@ -133,4 +211,7 @@ def ext_info() -> dict[str, Any]:
             "nvcc": info.get("nvcc_version") if info else None,
         },
         "build": info,
+        "source": state.source if state is not None and mod is not None else None,
+        "log": state.log if state is not None else None,
+        "cache_dir": state.build_dir if state is not None else None,
     }

@@ -36,6 +36,9 @@ def test_regular_install_from_wheel_imports_kernels_outside_the_tree(tmp_path):
     assert "tarp_fast/kernels/__init__.py" in names
     assert "tarp_fast/reference.py" in names and "tarp_fast/nn/linear.py" in names
     assert not any(n.startswith("kernels/") or n.startswith("tests/") for n in names)
+    # The extension's sources ship for the build on first use (tests/test_jit_build.py).
+    assert "tarp_fast/_csrc/tarp_ops.cpp" in names and "tarp_fast/_build_config.py" in names
+    assert not any(n.endswith(".so") for n in names)  # TARP_FAST_NO_EXT=1: nothing compiled
     site = tmp_path / "site"
     inst = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
