@@ -8,6 +8,10 @@ semantics (DESIGN.md §2), computed by fused Triton kernels registered as ``torc
 interpreter (``TRITON_INTERPRET=1`` set before Python starts). ``tarp_fast.ops`` imports this
 package lazily, only when the ``triton`` backend is asked for.
 
+:mod:`.precompile` records the specializations a program would compile (no GPU needed) and
+compiles them in parallel into Triton's cache; ``TARP_FAST_DX=fused|concat`` selects the design of
+the backward's dx pass (:func:`._configs.dx_design`).
+
 Task indices are not range-checked on CUDA (that needs a host sync); a row with an index
 outside ``[0, T)`` is treated like a row that ``hard_skip`` drops (no base product, no delta:
 its output is ``gate * act(0) + skip_gate * x + residual``). On CPU (the interpreter) the check

@@ -9,12 +9,12 @@ import torch
 import triton  # noqa: F401  (a missing Triton is reported by tarp_fast.ops with the fix)
 
 from .._contract import DEFAULT_SCALE_OFFSET, check_tarp_args, check_task_range
-from ._configs import CANDIDATES, KernelConfig, use_config
+from ._configs import CANDIDATES, DX_DESIGNS, KernelConfig, dx_design, use_config, use_dx_design
 from ._launch import poison_outputs
 from ._ops import triton_tarp
 
 __all__ = ["tarp_linear_triton", "run_validated", "unavailable_reason", "KernelConfig", "use_config", "poison_outputs",
-           "CANDIDATES"]
+           "CANDIDATES", "DX_DESIGNS", "dx_design", "use_dx_design"]
 
 
 def _interpreter_on() -> bool:
@@ -64,14 +64,18 @@ def run_validated(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset
                   residual, activation, hard_skip):
     """The body of :func:`tarp_linear_triton` for arguments already checked into ``spec``
     (``tarp_fast.ops`` validates once and calls this)."""
-    if spec.device.type != "cuda" and not _interpreter_on():
+    # (under precompile.capture launches are recorded, not run: CPU tensors stand in for CUDA ones)
+    from . import precompile
+
+    capturing = precompile.capturing()
+    if spec.device.type != "cuda" and not _interpreter_on() and not capturing:
         raise RuntimeError(
             f"tarp_linear_triton: needs CUDA tensors, got tensors on {spec.device}; "
             "set TRITON_INTERPRET=1 before starting Python to run the kernels on CPU"
         )
     if spec.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"tarp_linear_triton: argument 'x' must be float16, bfloat16 or float32, got {spec.dtype}")
-    if spec.dtype == torch.bfloat16 and spec.device.type != "cuda":
+    if spec.dtype == torch.bfloat16 and spec.device.type != "cuda" and not capturing:
         # numpy, which the interpreter computes with, has no bfloat16: results were garbage (errors
         # of 1e10), so refuse rather than return them
         raise RuntimeError(

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["KernelConfig", "use_config", "CANDIDATES", "config_for", "autotune_enabled"]
+__all__ = ["KernelConfig", "use_config", "CANDIDATES", "config_for", "autotune_enabled", "DX_DESIGNS", "dx_design",
+           "use_dx_design"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,25 @@ _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
         "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
         "large32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
     },
+    # dx, "concat" design (TARP_FAST_DX=concat): the pre-pass that builds dproj = [dh | vec(dS)]
+    # from one read of dpre (the dx kernel without its GEMM: BN is the chunk over N, BK unused,
+    # kept at 16). 64-row tiles: one program per row tile, so 128 programs at M = 8192 (an H100 /
+    # H200 has 132 SMs; 128-row tiles would leave half of them idle).
+    "dx_pre": {
+        "small16": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
+        "large16": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
+        "small32": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
+        "large32": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
+    },
+    # ... and its dx GEMM over [dpre | dproj]: BN is the reduction chunk over N (the chunk over
+    # the C columns of dproj is min(BN, next_pow2(C))), BK the output tile over K. No per-row
+    # loop here, so no "-wide" variant: the same tile for every rank.
+    "dx_concat": {
+        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "large16": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
+        "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "large32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+    },
     # wgrad: BK = A tile, BN = B tile, BM = reduction chunk over rows. fp32 without TF32 runs
     # the dot on FMA units, whose register tiles are larger: small tiles and 8 warps there
     # (4 warps spilled 4 B in the dW epilogue with ptxas 12.8).
@@ -126,6 +146,8 @@ _SM80: dict[str, dict[str, KernelConfig]] = {
            "large16-wide": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
            # 4 warps spill 20 B with the swizzled grid's index arithmetic
            "small16": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
+    "dx_concat": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+                  "small16": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
     "wgrad": {"large16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3)},
     "scale": {"large32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1),
               "small32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1)},
@@ -147,6 +169,11 @@ CANDIDATES: dict[str, list[KernelConfig]] = {
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
     ],
     "dx": [
+        KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
+        KernelConfig(128, 64, 128, num_warps=8, num_stages=3, tma=True),
+        KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+    ],
+    "dx_concat": [
         KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
         KernelConfig(128, 64, 128, num_warps=8, num_stages=3, tma=True),
         KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
@@ -176,6 +203,10 @@ CANDIDATES_SM80: dict[str, list[KernelConfig]] = {
         KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
         KernelConfig(64, 64, 64, num_warps=8, num_stages=3),
     ],
+    "dx_concat": [
+        KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+        KernelConfig(64, 64, 64, num_warps=8, num_stages=3),
+    ],
     "wgrad": [KernelConfig(64, 64, 64, num_warps=4, num_stages=3)],
     "proj": [
         KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
@@ -200,8 +231,8 @@ def shape_class(M: int, itemsize: int) -> str:
 
 @contextlib.contextmanager
 def use_config(**configs: KernelConfig) -> Iterator[None]:
-    """Force configs for the named kernels (``fwd``, ``recompute``, ``proj``, ``dx``, ``wgrad``,
-    ``scale``, ``scale_bwd``)
+    """Force configs for the named kernels (``fwd``, ``recompute``, ``proj``, ``dx``, ``dx_pre``,
+    ``dx_concat``, ``wgrad``, ``scale``, ``scale_bwd``)
     within the block, e.g. ``with use_config(fwd=KernelConfig(16, 16, 16)): ...``."""
     for name, cfg in configs.items():
         if name not in _DEFAULTS:
@@ -219,6 +250,45 @@ def use_config(**configs: KernelConfig) -> Iterator[None]:
 
 def autotune_enabled() -> bool:
     return os.environ.get("TARP_FAST_AUTOTUNE", "0") not in ("", "0")
+
+
+#: The two designs of the backward's dx pass (``TARP_FAST_DX``, or :func:`use_dx_design`):
+#:
+#: * ``fused`` (the default): one kernel over ``dpre`` per ``[BM, BK]`` tile of dx; every K tile
+#:   recomputes ``e = scaling dpre U_t`` (``RP / BK`` of the GEMM) and the per-row ``dh`` / ``dS``
+#:   (an r-step loop on chip), and K tile 0 stores ``dproj``;
+#: * ``concat``: a narrow pre-pass builds ``dproj = [dh | vec(dS)]`` from one read of ``dpre``,
+#:   then one GEMM over the concatenated reduction ``[dpre | dproj] [W_t; V_t; G_t]`` recomputes
+#:   nothing per K tile (one more read of ``dpre`` and ``M C`` fp32 written and read back).
+#:
+#: The default stays ``fused`` until a GPU has timed both (``benchmarks/gpu_report.py``, section
+#: "dx design"); the faster becomes the default.
+DX_DESIGNS = ("fused", "concat")
+_dx_override: list[Optional[str]] = [None]
+
+
+def dx_design() -> str:
+    """The dx design of the next backward: :func:`use_dx_design`, else ``TARP_FAST_DX``, else
+    ``fused``. An unknown value is an error naming the variable (not a silent fallback)."""
+    if _dx_override[0] is not None:
+        return _dx_override[0]
+    value = os.environ.get("TARP_FAST_DX", "").strip().lower() or "fused"
+    if value not in DX_DESIGNS:
+        raise ValueError(f"TARP_FAST_DX={os.environ.get('TARP_FAST_DX')!r}: expected one of {', '.join(DX_DESIGNS)}")
+    return value
+
+
+@contextlib.contextmanager
+def use_dx_design(design: str) -> Iterator[None]:
+    """Run the backward's dx pass with ``design`` (``fused`` | ``concat``) within the block."""
+    if design not in DX_DESIGNS:
+        raise ValueError(f"use_dx_design: expected one of {', '.join(DX_DESIGNS)}, got {design!r}")
+    saved = _dx_override[0]
+    _dx_override[0] = design
+    try:
+        yield
+    finally:
+        _dx_override[0] = saved
 
 
 def _bucket(M: int) -> int:
@@ -246,9 +316,12 @@ def all_defaults(name: str, bits: str, arch: int) -> list[KernelConfig]:
 
 
 def device_arch(device) -> int:
-    """``major * 10 + minor`` of a CUDA device (90 for CPU tensors under the interpreter)."""
+    """``major * 10 + minor`` of a CUDA device (90 for CPU tensors under the interpreter, the
+    captured arch under :func:`tarp_fast.kernels.precompile.capture`)."""
     if getattr(device, "type", "cpu") != "cuda":
-        return 90
+        from . import precompile
+
+        return precompile.capture_arch() or 90
     import torch
 
     idx = device.index if device.index is not None else torch.cuda.current_device()

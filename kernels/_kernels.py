@@ -21,6 +21,14 @@ dimension >= 16: ranks are padded on chip to ``RP = max(16, next_pow2(r))`` with
 import triton
 import triton.language as tl
 
+#: Integer arguments that change with the batch (rows ``M``, task count ``T``, tile counts) are not
+#: specialized (``do_not_specialize``): by default the JIT compiles a new kernel when an integer
+#: argument becomes 1 or a multiple of 16, so every new batch size recompiled 8-10 kernels
+#: (1-7 s each). They are only loop bounds, masks and row offsets here, where divisibility buys
+#: nothing; the model dimensions ``N``, ``K``, ``A``, ``B`` and the strides stay specialized (their
+#: divisibility by 16 gives vectorized loads). Names not in a kernel's signature are ignored.
+_BATCH_ARGS = ["M", "T", "num_m", "num_n", "num_k", "num_c"]
+
 
 # ----------------------------------------------------------------------------------------------
 # helpers
@@ -88,7 +96,7 @@ def _act_grad(pre, ACT: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 # forward pre-pass: proj = [V_t; G_t] x  (one read of x for the r and r^2 projections)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _tarp_proj_kernel(
     x_ptr, v_ptr, g_ptr, proj_ptr, x_desc,
     perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
@@ -137,7 +145,7 @@ def _tarp_proj_kernel(
         tl.store(proj_ptr + rows[:, None] * C + offs_c[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _tarp_z_kernel(proj_ptr, z_ptr, perm_ptr, M, T_seg_end_ptr,
                    R: tl.constexpr, C: tl.constexpr, RZ: tl.constexpr, BMZ: tl.constexpr,
                    GROUPED: tl.constexpr):
@@ -169,7 +177,7 @@ def _tarp_z_kernel(proj_ptr, z_ptr, perm_ptr, M, T_seg_end_ptr,
 # ----------------------------------------------------------------------------------------------
 # forward main kernel (and its backward recompute mode)
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _tarp_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, z_ptr, gate_ptr, skip_ptr, res_ptr, out_ptr,
     dy_ptr, dgate_part_ptr, x_desc, w_desc,
@@ -286,7 +294,7 @@ def _tarp_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # backward: dx in one pass over dpre, producing e = scaling U_t^T dpre, dh and dS on the way
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _tarp_bwd_dx_kernel(
     dp_ptr, rowscale_ptr, w_ptr, u_ptr, v_ptr, g_ptr, proj_ptr,
     dy_ptr, skip_ptr, x_ptr, dx_ptr, dproj_ptr, dskip_part_ptr, dp_desc, w_desc,
@@ -400,9 +408,100 @@ def _tarp_bwd_dx_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# backward, "concat" design: dx as one GEMM over the concatenated reduction [dpre | dproj]
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=_BATCH_ARGS)
+def _tarp_bwd_dx_concat_kernel(
+    dp_ptr, rowscale_ptr, w_ptr, v_ptr, g_ptr, dproj_ptr,
+    dy_ptr, skip_ptr, x_ptr, dx_ptr, dskip_part_ptr, dp_desc, w_desc,
+    perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
+    M, N, K, T, num_m, num_k,
+    R: tl.constexpr, C: tl.constexpr,
+    HAS_DELTA: tl.constexpr, HAS_G: tl.constexpr, W_TASK: tl.constexpr, ROWSCALE: tl.constexpr,
+    HAS_SKIP: tl.constexpr, NEED_DSKIP: tl.constexpr, GROUPED: tl.constexpr,
+    TMA_DP: tl.constexpr, TMA_W: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BC: tl.constexpr, GROUP_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """``dx = [dpre | dproj] [W_t; V_t; G_t] + skip dy`` for a ``[BM, BK]`` tile of ``dx``.
+
+    The "concat" design of dx (``TARP_FAST_DX=concat``): ``dproj = [dh | vec(dS)]`` (``[M, C]``
+    fp32) comes from a narrow pre-pass (``_tarp_bwd_dx_kernel`` with ``NEED_DX=False``: one read of
+    ``dpre``, ``e``, ``dh`` and ``dS`` once per row), so this kernel recomputes nothing per K tile:
+    its reduction is the ``N`` columns of ``dpre`` against the weight, then the ``C = r + r^2``
+    columns of ``dproj`` (rounded to x's dtype for the tensor cores, as the fused design rounds
+    ``dh`` and ``dS``) against ``[V_t; G_t]`` read row by row as in the forward pre-pass (column
+    ``c < R`` of the reduction reads ``V_t[c]``, ``c >= R`` reads ``G_t[c - R]``), ``BC`` at a time.
+    ``rowscale`` (``dpre = rowscale * dy`` not materialized) scales the ``dpre`` part only:
+    ``dproj`` already carries it. Grid, swizzle, TMA and epilogue as ``_tarp_bwd_dx_kernel``.
+    """
+    pid_m, pid_k = _swizzle(tl.program_id(0), num_m, num_k, GROUP_M)
+    rows, rmask, seg, live = _tile_rows(pid_m, M, perm_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr,
+                                        BM, GROUPED)
+    if live:
+        kept = seg < T
+        seg64 = seg.to(tl.int64)
+        offs_k = pid_k * BK + tl.arange(0, BK)
+        kmask = offs_k < K
+        offs_n0 = tl.arange(0, BN)
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+        if kept:
+            if W_TASK:
+                w_base = w_ptr + seg64 * N * K
+            else:
+                w_base = w_ptr
+            if TMA_W:
+                w_row = 0
+                if W_TASK:
+                    w_row += seg * N
+            for n0 in range(0, N, BN):
+                nn = n0 + offs_n0
+                nmask = nn < N
+                if TMA_DP:
+                    dp = dp_desc.load([pid_m * BM, n0])
+                else:
+                    dp = tl.load(dp_ptr + rows[:, None] * N + nn[None, :], mask=rmask[:, None] & nmask[None, :],
+                                 other=0.0)
+                if TMA_W:
+                    w = w_desc.load([w_row + n0, pid_k * BK])
+                else:
+                    w = tl.load(w_base + nn[:, None].to(tl.int64) * K + offs_k[None, :],
+                                mask=nmask[:, None] & kmask[None, :], other=0.0)
+                acc = tl.dot(dp, w, acc, input_precision=DOT_PREC)
+            if ROWSCALE:
+                rs = tl.load(rowscale_ptr + rows, mask=rmask, other=0.0)
+                acc = acc * rs[:, None]
+            if HAS_DELTA:
+                offs_c0 = tl.arange(0, BC)
+                for c0 in range(0, C, BC):
+                    cc = c0 + offs_c0
+                    cmask = cc < C
+                    d = tl.load(dproj_ptr + rows[:, None] * C + cc[None, :], mask=rmask[:, None] & cmask[None, :],
+                                other=0.0)
+                    v_rows = v_ptr + seg64 * R * K + cc.to(tl.int64) * K
+                    if HAS_G:
+                        g_rows = g_ptr + seg64 * (R * R) * K + (cc - R).to(tl.int64) * K
+                        b_rows = tl.where(cc < R, v_rows, g_rows)
+                    else:
+                        b_rows = v_rows
+                    b = tl.load(b_rows[:, None] + offs_k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+                    acc = tl.dot(d.to(b.dtype), b, acc, input_precision=DOT_PREC)
+        omask = rmask[:, None] & kmask[None, :]
+        if HAS_SKIP:
+            dyk = tl.load(dy_ptr + rows[:, None] * N + offs_k[None, :], mask=omask, other=0.0).to(tl.float32)
+            s = tl.load(skip_ptr + rows, mask=rmask, other=0.0)
+            acc += s[:, None] * dyk
+            if NEED_DSKIP:
+                xk = tl.load(x_ptr + rows[:, None] * K + offs_k[None, :], mask=omask, other=0.0)
+                part = tl.sum(dyk * xk.to(tl.float32), axis=1)
+                tl.store(dskip_part_ptr + pid_k.to(tl.int64) * M + rows, part, mask=rmask)
+        tl.store(dx_ptr + rows[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=omask)
+
+
+# ----------------------------------------------------------------------------------------------
 # backward: segmented weight-gradient GEMM  out[t] = sum_{m in segment t} L[m]^T R[m]
 # ----------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _tarp_wgrad_kernel(
     l_ptr, r_ptr, rowscale_ptr, out_ptr, lsum_ptr,
     perm_ptr, seg_off_ptr,
@@ -518,7 +617,7 @@ def _scale_weight_kernel(
     tl.store(out_ptr + t64 * N * K + wofs, (w * _softplus(a)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _scale_weight_bwd_kernel(
     dwe_ptr, w_ptr, p_ptr, q_ptr, dw_ptr, y_ptr, N, K, T, offset,
     Q: tl.constexpr, QP: tl.constexpr, NEED_W: tl.constexpr, NEED_PQ: tl.constexpr,

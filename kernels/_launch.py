@@ -18,7 +18,7 @@ import torch
 import triton
 
 from . import _kernels as K
-from ._configs import KernelConfig, config_for, device_arch
+from ._configs import KernelConfig, config_for, device_arch, dx_design
 from ._plan import Launch, poison_outputs
 from ._plan import alloc as _alloc
 from ._schedule import (
@@ -31,15 +31,43 @@ from ._schedule import (
     use_cuda_helpers,
 )
 
-__all__ = ["Launch", "tarp_fwd", "tarp_bwd", "scale_weight_fwd", "scale_weight_bwd", "poison_outputs"]
+__all__ = ["Launch", "tarp_fwd", "tarp_bwd", "scale_weight_fwd", "scale_weight_bwd", "poison_outputs",
+           "tf32_matmul_allowed"]
 
 ACT_CODES = {"none": 0, "relu": 1, "gelu_tanh": 2}
 
 
+def tf32_matmul_allowed() -> bool:
+    """Whether torch lets fp32 matmuls on CUDA use TF32, read without tripping torch's API check.
+
+    torch >= 2.9 has ``torch.backends.cuda.matmul.fp32_precision`` (``"ieee"`` | ``"tf32"`` |
+    ``"none"``: not set, inherited from ``torch.backends.fp32_precision``, and reading it gives the
+    inherited value); once anything has set the new API, reading the legacy ``allow_tf32``
+    raises ("mix of the legacy and new APIs"). So the new attribute decides where it exists and
+    is set; the legacy flag only where it is not (older torch, or nothing set with the new API:
+    then the legacy flag is what cuBLAS follows). A mixed state that still raises counts as no
+    TF32 (exact fp32: never less accurate than what the caller asked for).
+    """
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    if prec == "tf32":
+        return True
+    if prec == "ieee":
+        return False
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return False
+
+
 def _dot_prec(dtype: torch.dtype, device: torch.device) -> str:
-    """``tl.dot`` input precision: fp32 operands follow ``torch.backends.cuda.matmul.allow_tf32``
-    (TF32 tensor cores when allowed, exact fp32 otherwise); 16-bit operands are exact anyway."""
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    """``tl.dot`` input precision: fp32 operands follow torch's TF32 setting for CUDA matmuls
+    (:func:`tf32_matmul_allowed`: TF32 tensor cores when allowed, exact fp32 otherwise);
+    16-bit operands are exact anyway."""
+    from . import precompile
+
+    on_gpu = device.type == "cuda" or precompile.capturing()  # (a capture's CPU tensors stand for CUDA ones)
+    if dtype == torch.float32 and on_gpu and tf32_matmul_allowed():
         return "tf32"
     return "ieee"
 
@@ -50,7 +78,20 @@ def _pad_rank(r: int) -> int:
 
 
 def _bench_fn(launch_for_cfg, device):
-    """A timing callable for autotuning, or None where tuning must not run (CPU, graph capture)."""
+    """A timing callable for autotuning, or None where tuning must not run (CPU, graph capture).
+
+    Under :func:`tarp_fast.kernels.precompile.capture` (launches recorded, not run) it "times"
+    each candidate by recording its launches, so the compiles that autotuning would do are
+    counted and precompiled too."""
+    from . import precompile
+
+    if precompile.capturing():
+        def record(cfg):
+            for p in launch_for_cfg(cfg):
+                p.run()
+            return 1.0
+
+        return record
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return None
 
@@ -158,7 +199,11 @@ def _tma_can_serve(t: torch.Tensor) -> bool:
     """Whether a contiguous row-major ``t`` can be read with a TMA descriptor on its device:
     Hopper or newer (the interpreter and the compile tier's meta tensors count as able), a
     16-byte aligned base and rows of a multiple of 16 bytes."""
+    from . import precompile
+
     if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    if t.device.type != "cuda" and (precompile.capture_arch() or 90) < 90:
         return False
     aligned = t.device.type == "meta" or t.data_ptr() % 16 == 0
     return aligned and t.is_contiguous() and (t.shape[-1] * t.element_size()) % 16 == 0 and 0 < t.numel() < 2**31
@@ -298,6 +343,34 @@ def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_p
     )
 
 
+def plan_dx_concat(dp, rowscale, weight, V, G, dproj, dy, skip, x, dx, dskip_part, rows: Rows,
+                   cfg: KernelConfig) -> Launch:
+    """The dx GEMM of the "concat" design: ``dx = [dpre | dproj] [W_t; V_t; G_t] + skip dy``
+    (``dproj`` from :func:`plan_dx` with ``need_dx=False``)."""
+    M, Kd = x.shape
+    N = weight.shape[-2]
+    R = V.shape[-2]
+    C = dproj.shape[1]
+    sched, num_m = _sched_args(rows, cfg.BM)
+    num_k = triton.cdiv(Kd, cfg.BK)
+    tma_w = _tma_weight(weight, cfg, cfg.BN)
+    tma_dp = cfg.tma and not rows.grouped and _tma_can_serve(dp)
+    dp_desc = _descriptor(dp, cfg.BM, cfg.BN) if tma_dp else None
+    w_desc = _descriptor(weight, cfg.BN, cfg.BK) if tma_w else None
+    BC = min(cfg.BN, max(16, triton.next_power_of_2(C)))
+    return Launch(
+        K._tarp_bwd_dx_concat_kernel, (num_m * num_k,),
+        dict(dp_ptr=dp, rowscale_ptr=rowscale, w_ptr=weight, v_ptr=V, g_ptr=G, dproj_ptr=dproj, dy_ptr=dy,
+             skip_ptr=skip, x_ptr=x, dx_ptr=dx, dskip_part_ptr=dskip_part, dp_desc=dp_desc, w_desc=w_desc,
+             **sched, M=M, N=N, K=Kd, T=rows.T, num_m=num_m, num_k=num_k),
+        dict(R=R, C=C, HAS_DELTA=True, HAS_G=G is not None, W_TASK=weight.dim() == 3,
+             ROWSCALE=rowscale is not None, HAS_SKIP=skip is not None, NEED_DSKIP=dskip_part is not None,
+             GROUPED=rows.grouped, TMA_DP=tma_dp, TMA_W=tma_w, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BC=BC,
+             GROUP_M=cfg.GROUP_M, DOT_PREC=_dot_prec(x.dtype, x.device)),
+        cfg.num_warps, cfg.num_stages, name="dx_concat", tags=dict(tma_dp=tma_dp, tma_w=tma_w),
+    )
+
+
 def plan_wgrad(L, Rm, rowscale, out, lsum, rows: Rows, cfg: KernelConfig, *, A: int, B: int,
                per_task: bool, r_scale: float = 1.0) -> Launch:
     """``out[t] = sum_m L[m, :A]^T (r_scale Rm[m, :B])`` over task t's rows (or all kept rows)."""
@@ -327,7 +400,11 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
        (``_tarp_fwd_kernel`` with ``BWD=True``), which also gives ``dgate = <dy, act(pre)>``
        -- only when there is an activation or the gate needs a gradient. Otherwise
        ``dpre = gate dy`` is never formed: ``gate`` scales the accumulators of the later passes.
-    2. ``dx`` and ``dproj = [dh | vec(dS)]`` in one pass over ``dpre`` (``_tarp_bwd_dx_kernel``).
+    2. ``dx`` and ``dproj = [dh | vec(dS)]``, by one of two designs (:func:`._configs.dx_design`,
+       ``TARP_FAST_DX``): ``fused`` (default), one pass over ``dpre`` (``_tarp_bwd_dx_kernel``)
+       that recomputes ``e``, ``dh`` and ``dS`` in every K tile of dx; ``concat``, a narrow
+       pre-pass (the same kernel without its GEMM) writes ``dproj`` from one read of ``dpre``,
+       then ``_tarp_bwd_dx_concat_kernel`` computes ``dx = [dpre | dproj] [W_t; V_t; G_t]``.
     3. Segmented weight gradients (``_tarp_wgrad_kernel``): ``dW = sum dpre x^T`` (per task when
        the weight is per task), ``dU_t = scaling sum dpre z^T``, ``[dV_t; dG_t] = sum dproj x^T``;
        ``db`` rides along as the column sums of the first of these that reads ``dpre``.
@@ -373,6 +450,7 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
         C = proj.shape[1] if U is not None else 1
         dproj = _alloc((M, C), torch.float32, dev) if U is not None else None
         do_dskip = need_dskip and need_dx
+        concat = need_dx and U is not None and dx_design() == "concat"
 
         def dx_launch(cfg):
             num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
@@ -380,10 +458,23 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
             return plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, part, rows, cfg,
                            scaling=scaling, need_dx=need_dx), part
 
-        # tuned like the forward (the kernel writes every output element once: a relaunch is
-        # idempotent), except above rank 16, where only the "-wide" default is spill-checked
-        bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev) if R <= 16 else None
-        cfg = config_for("dx", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped, need_dx), bench=bench)
+        if concat:
+            # the pre-pass: dproj from one read of dpre (no dx GEMM, one K tile)
+            pre = config_for("dx_pre", M, item, rank=R, arch=arch)
+            plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, None, rows, pre,
+                    scaling=scaling, need_dx=False).run()
+
+            def dx_launch(cfg):  # noqa: F811 (the concat design's dx GEMM)
+                part = _alloc((triton.cdiv(Kd, cfg.BK), M), torch.float32, dev) if do_dskip else None
+                return plan_dx_concat(dpre, rowscale, weight, V, G, dproj, dy, skip, x, dx, part, rows, cfg), part
+
+            bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev)
+            cfg = config_for("dx_concat", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped), bench=bench)
+        else:
+            # tuned like the forward (the kernel writes every output element once: a relaunch is
+            # idempotent), except above rank 16, where only the "-wide" default is spill-checked
+            bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev) if R <= 16 else None
+            cfg = config_for("dx", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped, need_dx), bench=bench)
         launch, part = dx_launch(cfg)
         launch.run()
         if do_dskip:

@@ -47,13 +47,16 @@ from ._plan import Launch, alloc
 __all__ = ["row_groups", "row_groups_cuda", "row_groups_triton", "triton_schedule_fits", "use_cuda_helpers",
            "tile_table", "tile_table_triton", "max_row_tiles"]
 
-#: rows per chunk of the Triton counting sort (one program sorts one chunk): up to SORT_CHUNK,
-#: fewer (a power of two, at least 128) when M is smaller, so a small batch sorts no padding
+#: rows per chunk of the Triton counting sort (one program sorts one chunk): SORT_CHUNK, or
+#: SMALL_SORT_CHUNK for a decode-sized batch (M <= 128). Two sizes only: the chunk is a constexpr
+#: of the sort kernels, so every size is a compile of its own (the scatter kernel takes up to 14 s
+#: to compile), and one chunk sorting up to 1024 keys costs microseconds whatever its padding.
 SORT_CHUNK = 1024
+SMALL_SORT_CHUNK = 128
 
 
 def sort_chunk(M: int) -> int:
-    return min(SORT_CHUNK, max(128, triton.next_power_of_2(max(M, 1))))
+    return SMALL_SORT_CHUNK if M <= SMALL_SORT_CHUNK else SORT_CHUNK
 
 
 _helpers_built: Optional[bool] = None

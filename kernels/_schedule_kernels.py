@@ -27,6 +27,10 @@ int32.
 import triton
 import triton.language as tl
 
+#: batch-dependent integers (rows, tasks, chunk and tile counts) are not specialized: a new batch
+#: size must not recompile the schedule (see ``_kernels._BATCH_ARGS``)
+_BATCH_ARGS = ["M", "T", "n", "num_chunks", "num_tiles"]
+
 #: largest key-bin count of the Triton schedule (tasks + dropped + padding, a power of two)
 MAX_BINS = 1024
 
@@ -49,7 +53,7 @@ def _row_keys(task_ptr, gate_ptr, c, M, T, HAS_TASK: tl.constexpr, HAS_DROP: tl.
     return key, pos
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _sched_hist_kernel(task_ptr, gate_ptr, hist_ptr, M, T, num_chunks,
                        HAS_TASK: tl.constexpr, HAS_DROP: tl.constexpr, CH: tl.constexpr, NBP: tl.constexpr):
     """``hist[k * num_chunks + c]`` = rows of chunk ``c`` with key ``k``, for keys ``0..T``."""
@@ -60,7 +64,7 @@ def _sched_hist_kernel(task_ptr, gate_ptr, hist_ptr, M, T, num_chunks,
     tl.store(hist_ptr + k * num_chunks + c, counts, mask=k <= T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _sched_scan_kernel(hist_ptr, seg_off_ptr, n, num_chunks, M, T, BLOCK: tl.constexpr):
     """Exclusive scan of ``hist [n = (T + 1) * num_chunks]`` in place (one program, blocks with a
     running carry); ``seg_off[k]`` = the scanned value at ``(k, chunk 0)``, ``seg_off[T + 1] = M``."""
@@ -89,7 +93,7 @@ def _count_equal_run(k_a, n_a, k_b, n_b):
     return k_b, n_b + tl.where(k_a == k_b, n_a, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _sched_scatter_kernel(task_ptr, gate_ptr, hist_ptr, perm_ptr, M, T, num_chunks,
                           HAS_TASK: tl.constexpr, HAS_DROP: tl.constexpr, CH: tl.constexpr):
     """``perm[hist[key, c] + rank] = row`` for the rows of chunk ``c`` (``hist`` scanned)."""
@@ -104,7 +108,7 @@ def _sched_scatter_kernel(task_ptr, gate_ptr, hist_ptr, perm_ptr, M, T, num_chun
     tl.store(perm_ptr + slot, c * CH + spos, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _sched_tiles_kernel(seg_off_ptr, tile_seg_ptr, tile_start_ptr, tile_end_ptr, T, num_tiles,
                         BM: tl.constexpr, NBP: tl.constexpr, BP: tl.constexpr):
     """For tiles ``pid*BP ..``: segment ``s`` (the one whose tile range holds the tile), and

@@ -4,8 +4,10 @@ Run ``python -m tarp_fast.kernels.compile_check`` (``--arch 90`` to restrict, ``
 ``--quick`` for the default configs only). For every kernel, every config it can be launched with
 (the shape-class defaults and the autotuning candidates of :mod:`._configs`) and representative
 flag variants, it builds the launch exactly as the launchers do (:mod:`._launch` ``plan_*``, on
-``meta`` tensors), compiles it with ``triton.compile(ASTSource(...), target=GPUTarget("cuda",
-cap, 32))``, runs Triton's own ``ptxas -v`` on the PTX and prints registers, spill bytes, shared
+``meta`` tensors), takes the signature, specialization and options the JIT computes for that
+launch (:func:`tarp_fast.kernels.precompile.capture`: Triton's own binder, so the batch-dependent
+integers the kernels exempt from specialization are compiled unspecialized, as on the GPU),
+compiles it with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))``, runs Triton's own ``ptxas -v`` on the PTX and prints registers, spill bytes, shared
 memory and the MMA instructions used (``wgmma`` = Hopper HGMMA, ``mma`` = Ampere mma.sync; ``+tma``:
 the kernel loads through TMA bulk tensor copies).
 
@@ -37,52 +39,12 @@ class Job:
     variant: str
     config: str
     signature: dict[str, str]
-    constexprs: dict[str, object]
+    constexprs: dict
     attrs: dict[tuple, list]
     num_warps: int
     num_stages: int
     arch: int
-
-
-_TY = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "int32": "i32", "int64": "i64"}
-
-
-def _signature(kernel, args: dict, constexprs: dict):
-    """Triton signature of a launch: tensors -> pointer types, ints -> i32/i64, floats -> fp32,
-    ``None`` and constexpr flags -> ``constexpr``; plus the specialization the JIT would apply
-    (``tt.divisibility`` 16 for pointers, which torch allocations satisfy, and for ints that are
-    multiples of 16, as the LLM shapes checked here are); TMA tensor descriptors ->
-    ``tensordesc<dtype[block]>``. Returns ``(signature, constexprs, attrs)``."""
-    import torch
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    sig, const, attrs = {}, {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-            const[name] = constexprs[name]
-            continue
-        v = args[name]
-        if v is None:
-            sig[name] = "constexpr"
-            const[name] = None
-        elif isinstance(v, torch.Tensor):
-            sig[name] = "*" + _TY[str(v.dtype).replace("torch.", "")]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, TensorDescriptor):
-            block = ", ".join(str(b) for b in v.block_shape)
-            sig[name] = f"tensordesc<{_TY[str(v.base.dtype).replace('torch.', '')]}[{block}]>"
-        elif isinstance(v, bool):
-            raise TypeError(f"compile_check: bool runtime argument {name!r}")
-        elif isinstance(v, int):
-            sig[name] = "i32" if -(2**31) <= v < 2**31 else "i64"
-            if v % 16 == 0 and v != 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, float):
-            sig[name] = "fp32"
-        else:
-            raise TypeError(f"compile_check: unsupported argument {name!r} of type {type(v).__name__}")
-    return sig, const, attrs
+    options: dict  # the compile options the JIT would pass (warps, stages, arch, ...)
 
 
 def _cfg_name(c) -> str:
@@ -194,6 +156,34 @@ def build_plans(arch: int, quick: bool = False):
                 dx_plan(dt, cfg, variant)
         dx_plan(dt, default_config("dx", "large" + bits(dt), rank=32, arch=arch), "full-r32")
 
+    # dx, "concat" design (TARP_FAST_DX=concat): the pre-pass (the dx kernel without its GEMM, on
+    # the dx_pre tiles) for every rank class, then the dx GEMM over [dpre | dproj]
+    for dt in (torch.bfloat16, f32):
+        for cfg in dict.fromkeys(default_config("dx_pre", size + bits(dt), arch=arch) for size in ("large", "small")):
+            for variant in ("full-r16", "bilinear-rowscale", "full-r32"):
+                r = 32 if variant == "full-r32" else 16
+                dyn = variant != "bilinear-rowscale"
+                C = r + r * r if dyn else r
+                p = L.plan_dx(
+                    t(M, N, dtype=dt), t(M, dtype=f32) if not dyn else None, t(T, N, Kd, dtype=dt),
+                    t(T, N, r, dtype=dt), t(T, r, Kd, dtype=dt), t(T, r * r, Kd, dtype=dt) if dyn else None,
+                    t(M, C, dtype=f32), t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
+                    t(M, C, dtype=f32), None, rows(True), cfg, scaling=0.5, need_dx=False)
+                plans.append((f"{tag(dt)}-pre-{variant}", _cfg_name(cfg), p))
+        for cfg in configs("dx_concat", dt):
+            for variant in ("full-r16", "full-r32", "bilinear-rowscale") + (("plain",) if cfg.tma else ()):
+                r = 32 if variant == "full-r32" else 16
+                dyn = variant != "bilinear-rowscale"
+                C = r + r * r if dyn else r
+                grouped = variant != "plain"
+                lead = (T,) if grouped else ()
+                p = L.plan_dx_concat(
+                    t(M, N, dtype=dt), t(M, dtype=f32) if not dyn else None, t(*lead, N, Kd, dtype=dt),
+                    t(*lead, r, Kd, dtype=dt), t(*lead, r * r, Kd, dtype=dt) if dyn else None, t(M, C, dtype=f32),
+                    t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
+                    t(Kd // cfg.BK, M, dtype=f32), rows(grouped), cfg)
+                plans.append((f"{tag(dt)}-concat-{variant}", _cfg_name(cfg), p))
+
     # segmented weight gradients: dW (+db), dU (fp32 z operand), [dV; dG] (fp32 dproj operand)
     for dt in (torch.bfloat16, f32):
         for cfg in configs("wgrad", dt):
@@ -250,13 +240,22 @@ def build_plans(arch: int, quick: bool = False):
 
 
 def build_jobs(archs=ARCHS, quick: bool = False) -> list[Job]:
-    """Every (kernel, variant, config) the launchers can produce, as compile jobs per arch."""
+    """Every (kernel, variant, config) the launchers can produce, as compile jobs per arch.
+
+    Each launch goes through Triton's own launch path up to the compile
+    (:func:`tarp_fast.kernels.precompile.capture`), so the job has exactly the signature,
+    specialization (pointer alignment, integers equal to 1 or divisible by 16, except the
+    batch-dependent ones the kernels exempt) and options the JIT would compile on the GPU."""
+    from . import precompile
+
     jobs = []
     for arch in archs:
         for variant, cname, p in build_plans(arch, quick):
-            sig, const, attrs = _signature(p.kernel, p.args, p.constexprs)
-            jobs.append(Job(p.kernel.fn.__name__ if hasattr(p.kernel, "fn") else p.kernel.__name__,
-                            variant, cname, sig, const, attrs, p.num_warps, p.num_stages, arch))
+            with precompile.capture(arch) as cap:
+                p.run()
+            (spec,) = cap.specs.values()
+            jobs.append(Job(spec.name, variant, cname, spec.signature, spec.constexprs, spec.attrs, p.num_warps,
+                            p.num_stages, arch, spec.options))
     return jobs
 
 
@@ -279,8 +278,7 @@ def compile_job(job: Job) -> dict:
 
         fn = getattr(_kernels, job.kernel, None) or getattr(_schedule_kernels, job.kernel)
         src = ASTSource(fn=fn, signature=job.signature, constexprs=job.constexprs, attrs=job.attrs)
-        ck = triton.compile(src, target=GPUTarget("cuda", job.arch, 32),
-                            options=dict(num_warps=job.num_warps, num_stages=job.num_stages))
+        ck = triton.compile(src, target=GPUTarget("cuda", job.arch, 32), options=dict(job.options))
         ptx = ck.asm["ptx"]
         res["shared"] = int(ck.metadata.shared)
         res["mma"] = "wgmma" if "wgmma.mma_async" in ptx else ("mma" if "mma.sync" in ptx else "fma")

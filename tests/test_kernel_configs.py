@@ -35,7 +35,7 @@ def _fake_bench(winner: KernelConfig, calls: list):
     return bench
 
 
-@pytest.mark.parametrize("name", ["fwd", "dx", "wgrad", "proj"])
+@pytest.mark.parametrize("name", ["fwd", "dx", "dx_concat", "wgrad", "proj"])
 def test_autotuning_keeps_the_fastest_candidate_per_bucketed_key(tuning, name):
     cands = candidates(name, 90)
     winner = cands[-1]
@@ -122,3 +122,52 @@ def test_tma_weight_needs_aligned_rows_and_whole_task_tiles():
     assert _tma_weight(torch.zeros(48, 40, dtype=torch.float16), tma, 32)  # one weight: any tile
     assert not _tma_weight(torch.zeros(48, 36, dtype=torch.float16), tma, 16)  # 72-byte rows
     assert not _tma_weight(w3, KernelConfig(16, 16, 16), 16)
+
+
+def test_dx_design_from_the_environment_and_the_context_manager(monkeypatch):
+    """``TARP_FAST_DX`` (``fused`` by default) or :func:`use_dx_design` picks the dx design; an
+    unknown value is an error that names the variable, never a silent fallback."""
+    from tarp_fast.kernels import DX_DESIGNS, dx_design, use_dx_design
+
+    assert DX_DESIGNS == ("fused", "concat")
+    monkeypatch.delenv("TARP_FAST_DX", raising=False)
+    assert dx_design() == "fused"
+    monkeypatch.setenv("TARP_FAST_DX", " Concat ")
+    assert dx_design() == "concat"
+    with use_dx_design("fused"):
+        assert dx_design() == "fused"
+    assert dx_design() == "concat"
+    monkeypatch.setenv("TARP_FAST_DX", "fast")
+    with pytest.raises(ValueError, match="TARP_FAST_DX='fast'.*fused, concat"):
+        dx_design()
+    with pytest.raises(ValueError, match="use_dx_design"):
+        with use_dx_design("both"):
+            pass
+
+
+def test_tf32_is_read_through_the_new_api_where_torch_has_it():
+    """torch >= 2.9: once ``torch.backends.cuda.matmul.fp32_precision`` (or the global
+    ``torch.backends.fp32_precision``) is set, reading the legacy ``allow_tf32`` raises; the
+    launchers read the new API and follow it (fp32 ``tl.dot`` in TF32 or exact)."""
+    from tarp_fast.kernels._launch import _dot_prec, tf32_matmul_allowed
+
+    m = torch.backends.cuda.matmul
+    if not hasattr(m, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: no CUDA call
+    saved, saved_global = m.fp32_precision, torch.backends.fp32_precision
+    try:
+        m.fp32_precision = "tf32"
+        assert tf32_matmul_allowed() and _dot_prec(torch.float32, cuda) == "tf32"
+        assert _dot_prec(torch.float32, cpu) == "ieee" and _dot_prec(torch.bfloat16, cuda) == "ieee"
+        m.fp32_precision = "ieee"
+        assert not tf32_matmul_allowed() and _dot_prec(torch.float32, cuda) == "ieee"
+        m.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"  # inherited by the matmul setting
+        assert tf32_matmul_allowed()
+        torch.backends.fp32_precision = "none"
+        assert tf32_matmul_allowed() == bool(m.allow_tf32)  # nothing set with the new API: the legacy flag
+    finally:
+        m.fp32_precision = saved
+        torch.backends.fp32_precision = saved_global
+    m.allow_tf32  # noqa: B018  (the state is left readable through the legacy flag again)

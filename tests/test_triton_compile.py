@@ -3,7 +3,7 @@
 No GPU needed: ``python -m tarp_fast.kernels.compile_check`` compiles with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32))`` and Triton's own ptxas.
 The interpreter tier cannot catch these failures (it accepts e.g. ``tl.dot`` with a dimension
-below 16), so this tier is required. It takes about 3 minutes on 2 cores with a cold Triton cache.
+below 16), so this tier is required. It takes about 4 minutes on 2 cores with a cold Triton cache.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def test_hopper_uses_wgmma_and_ampere_mma(compile_report):
     """16-bit GEMM kernels must reach the tensor cores: HGMMA (wgmma) on sm_90, mma.sync on sm_80."""
     rows = [line.split() for line in compile_report.stdout.splitlines() if line.startswith("_tarp_")]
     gemm = [r for r in rows if r[0] in ("_tarp_fwd_kernel", "_tarp_proj_kernel", "_tarp_bwd_dx_kernel",
-                                        "_tarp_wgrad_kernel") and r[1].startswith(("bfloat16", "float16"))]
+                                        "_tarp_bwd_dx_concat_kernel", "_tarp_wgrad_kernel")
+            and r[1].startswith(("bfloat16", "float16"))]
     assert gemm, compile_report.stdout[-2000:]
     for r in gemm:
         arch, mma = r[3], r[7]
@@ -65,7 +66,8 @@ def test_hopper_uses_wgmma_and_ampere_mma(compile_report):
     # only TMA operand being x, take no TMA)
     tma = [r for r in rows if r[3] == "90" and r[2].endswith("/tma") and not r[1].endswith("rterms-only")
            and not (r[0] == "_tarp_proj_kernel" and not r[1].endswith("-plain"))]
-    assert {r[0] for r in tma} == {"_tarp_fwd_kernel", "_tarp_bwd_dx_kernel", "_tarp_proj_kernel"}, tma
+    assert {r[0] for r in tma} == {"_tarp_fwd_kernel", "_tarp_bwd_dx_kernel", "_tarp_bwd_dx_concat_kernel",
+                                   "_tarp_proj_kernel"}, tma
     assert tma and all(r[7] == "wgmma+tma" for r in tma), tma
     assert not any(r[7].endswith("+tma") for r in rows if not r[2].endswith("/tma"))
 
@@ -91,7 +93,8 @@ def test_every_candidate_and_default_config_is_compiled():
     for arch in (90, 80):
         compiled = {(p.name, cname) for _, cname, p in build_plans(arch)}
         names = {p.name for _, _, p in build_plans(arch, quick=True)}
-        for kernel, launch_name in (("fwd", "fwd"), ("dx", "dx"), ("wgrad", "wgrad"), ("proj", "proj")):
+        for kernel, launch_name in (("fwd", "fwd"), ("dx", "dx"), ("dx_concat", "dx_concat"), ("wgrad", "wgrad"),
+                                    ("proj", "proj")):
             assert launch_name in names
             for cfg in candidates(kernel, arch) + all_defaults(kernel, "16", arch):
                 assert (launch_name, _cfg_name(cfg)) in compiled, (arch, kernel, cfg)
@@ -107,3 +110,72 @@ def test_rank_above_16_takes_the_wide_tiles_where_a_table_has_them():
     # sm_90: the forward has one tile for every rank, dx halves its K tile
     assert default_config("fwd", "large16", rank=32, arch=90) == default_config("fwd", "large16", arch=90)
     assert default_config("dx", "large16", rank=32, arch=90) == KernelConfig(128, 64, 64, num_warps=8)
+
+
+def test_compile_jobs_carry_the_jits_specialization():
+    """The compile tier compiles what the JIT would (its own binder, through
+    ``precompile.capture``): the batch-dependent integers (rows, tasks, tile counts) are not
+    specialized, the model dimensions are (divisibility by 16), and the options are the JIT's."""
+    from tarp_fast.kernels.compile_check import build_jobs
+
+    jobs = [j for j in build_jobs(archs=(90,), quick=True) if j.kernel == "_tarp_fwd_kernel"]
+    assert jobs
+    for j in jobs:
+        names = list(j.signature)
+        attrs = {names[k[0]]: v for k, v in j.attrs.items()}
+        for batch in ("M", "num_m", "num_n"):
+            assert j.signature[batch] == "i32" and not attrs.get(batch), (batch, j.signature, attrs)
+        assert ["tt.divisibility", 16] in attrs["K"] and ["tt.divisibility", 16] in attrs["N"]
+        assert j.options["num_warps"] == j.num_warps and j.options["arch"] == "sm90"
+
+
+def test_a_new_batch_size_compiles_nothing_new():
+    """Rows are not specialized: after one call, calls with other batch sizes (odd, even, a
+    multiple of 16, one row; decode-sized ones take the small tiles of their own shape class)
+    record no new specialization; with every argument specialized (as before) they did."""
+    import torch
+    from tarp_fast.kernels import precompile, tarp_linear_triton
+
+    def call(M):
+        x = torch.empty(M, 256, dtype=torch.bfloat16, requires_grad=True)
+        W = torch.empty(256, 256, dtype=torch.bfloat16)
+        U, V, G = (torch.empty(*s, dtype=torch.bfloat16, requires_grad=True) for s in ((256, 8), (8, 256),
+                                                                                          (64, 256)))
+        y = tarp_linear_triton(x, W, None, U, V, G)
+        torch.autograd.grad(y, [x, U, V, G], torch.empty_like(y))
+
+    counts = {}
+    for every in (False, True):
+        with precompile.capture(90, specialize_all=every) as cap:
+            call(8192)
+            first = len(cap.specs)
+            for M in (8191, 1000, 777, 4096 + 16):
+                call(M)
+            counts[every] = (first, len(cap.specs))
+    assert counts[False][0] == counts[False][1], counts
+    assert counts[True][1] > counts[True][0], counts
+
+
+def test_precompiled_kernels_are_what_the_jit_loads(tmp_path, monkeypatch):
+    """``precompile.compile_specs`` (the GPU run's parallel precompile, and a cache built on a CPU
+    machine) writes the cache entries the JIT's own compile path then finds: the same key, a hit."""
+    import torch
+    import triton
+    from tarp_fast.kernels import precompile, tarp_linear_triton
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    def call():
+        x = torch.empty(100, 64, dtype=torch.float16)
+        tarp_linear_triton(x, torch.empty(48, 64, dtype=torch.float16))  # the forward kernel alone
+
+    with precompile.capture(90) as cap:
+        call()
+    assert len(cap.specs) == 1
+    (res,) = precompile.compile_specs(list(cap.specs.values()), 1)
+    assert res["ok"] and not res["cache_hit"], res
+    hits = []
+    monkeypatch.setattr(triton.knobs.compilation, "listener", lambda **kw: hits.append(kw["cache_hit"]))
+    with precompile.capture(90, compile=True):
+        call()
+    assert hits == [True]
