@@ -31,6 +31,7 @@ PACKAGES = [
     "tarp_fast.tams",
     "tarp_fast.meta",
     "tarp_fast.data",
+    "tarp_fast.peft",
     "tarp_fast.kernels",
 ]
 
@@ -101,13 +102,13 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=_existing(PACKAGES),
     package_dir={"tarp_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.11",
         'triton>=3.6; platform_system == "Linux" and platform_machine == "x86_64"',
-        "transformers>=4.45",
+        "transformers>=5.17",
         "safetensors>=0.4",
         "tqdm",
         "matplotlib",
@@ -115,7 +116,7 @@ setup(
         "ninja",
     ],
     extras_require={
-        "peft": ["peft>=0.13"],
+        "peft": ["peft>=0.21"],
         "test": ["pytest", "pytest-benchmark", "peft", "pybind11", "build"],
     },
     entry_points={"console_scripts": ["tarp-fast=tarp_fast.cli:main"]},

@@ -1,29 +1,49 @@
-"""Save and load adapters (``adapter.safetensors`` + ``adapter_config.json``); never pickle.
+"""Save and load adapters (``adapter_model.safetensors`` + ``adapter_config.json``); never pickle.
+
+One adapter format for tarp-fast and Hugging Face PEFT: :func:`save_adapter` /
+:func:`load_adapter` and the PEFT method :mod:`tarp_fast.peft` (``PeftModel.save_pretrained`` /
+``PeftModel.from_pretrained``, ``Trainer`` checkpoints) write and read the same files, with PEFT's
+file names and key layout, so an adapter saved next to a model (``model.save_pretrained(d)``)
+lets ``AutoModelForCausalLM.from_pretrained(d)`` load both once ``tarp_fast`` is imported (which
+registers TARP with PEFT; see :func:`tarp_fast.peft.register`).
 
 A load either succeeds whole, with exactly the saved values, or raises and leaves the model as
 it was. Files that were edited, truncated, swapped or torn by a crash are refused, never
 "repaired" by picking one of two disagreeing copies.
 
-Format (``format_version`` 2)
+Format (``format_version`` 3)
 -----------------------------
-``adapter_config.json``::
+``adapter_config.json`` is at once a PEFT config (``TarpConfig``; PEFT reads ``peft_type``) and
+the tarp-fast record::
 
-    {"format": "tarp-fast-adapter", "format_version": 2, "tarp_fast_version": "0.1.0",
+    {"peft_type": "TARP", "task_type": null, "r": 8, "variant": "dynamic", "target_modules": [...],
+     ... (the other TarpConfig fields, see PEFT_FIELDS),
+     "format": "tarp-fast-adapter", "format_version": 3, "tarp_fast_version": "0.1.0",
      "model": {"model_type": "gpt2", "class": "GPT2LMHeadModel"},   # model_type may be null
      "layers": {"<module name>": {<TARPLinear.tarp_config()>}, ...},
-     "tensors": {"<parameter name>": {"shape": [...], "dtype": "float32", "sha256": "<hex>"}, ...},
+     "tensors": {"base_model.model.<parameter name>": {"shape": [...], "dtype": "float32", "sha256": "<hex>"}, ...},
      "extra": {...},                      # e.g. TAMS settings, free-form JSON
-     "safetensors_sha256": "<hex>"}       # of the whole adapter.safetensors file
+     "safetensors_sha256": "<hex>"}       # of the whole adapter_model.safetensors file
 
-``adapter.safetensors`` holds the tensors and, in its metadata, ``tarp_fast_config`` (the same
-config as JSON text, without ``safetensors_sha256``) and ``tarp_fast_config_sha256`` (the
+``layers`` is what loading builds (module names and each layer's settings); the PEFT fields
+``r``, ``variant``, ... repeat the first layer's settings for PEFT's own display. Tensor names are
+PEFT's: ``"base_model.model." + <module name> + ".tarp_U"`` (the name of the
+:class:`~tarp_fast.TARPLinear` parameter behind the prefix).
+
+``adapter_model.safetensors`` holds the tensors and, in its metadata, ``tarp_fast_config`` (the
+same config as JSON text, without ``safetensors_sha256``) and ``tarp_fast_config_sha256`` (the
 sha256 of that text), so the tensor file validates itself. A tensor's ``sha256`` is that of its
 raw bytes as safetensors stores them (C order, little-endian).
+
+Versions 1 and 2 (``adapter.safetensors``, no PEFT fields, tensor names without the prefix)
+still load with :func:`load_adapter`; saving again writes version 3 (and removes the old
+``adapter.safetensors``, which the new config no longer names).
 
 Load checks, all before the model is touched; each failure is a ``ValueError`` that names the
 file and the field (``load_adapter: <path>: field 'x' ...``):
 
-1. ``adapter_config.json`` is a JSON object with this format and a readable version.
+1. ``adapter_config.json`` is a JSON object with this format and a readable version (a PEFT
+   adapter of another method, e.g. ``peft_type`` ``"LORA"``, is refused naming ``peft_type``).
 2. The tensor file's sha256 equals ``safetensors_sha256`` (else see "Saving": a pending file
    with that hash is read instead; anything else is "replaced or corrupted").
 3. The embedded config matches its own hash, and ``adapter_config.json`` (apart from
@@ -49,9 +69,13 @@ whole into memory (it is hashed before it is parsed).
 
 Saving: a commit protocol whose commit point is ``adapter_config.json``
 -----------------------------------------------------------------------
-1. write the tensor file atomically to ``.adapter.safetensors.<sha256>.pending``;
+1. write the tensor file atomically to ``.adapter_model.safetensors.<sha256>.pending``;
 2. write ``adapter_config.json`` atomically (the commit);
-3. rename the pending file over ``adapter.safetensors``.
+3. rename the pending file over ``adapter_model.safetensors``.
+
+A save never replaces a folder's PEFT adapter of another method (``adapter_config.json`` with
+another ``peft_type``): it raises ``ValueError`` instead. Model files (``config.json``,
+``model.safetensors``, ...) have other names and are never touched.
 
 A crash before 2 leaves the previous adapter (after a first save: none, and loading says that
 an interrupted save left a pending file). A crash after 2 leaves a config whose hash names the
@@ -64,6 +88,9 @@ at once may delete each other's files.
 Version 1 adapters (no model record, no per-tensor or embedded-config hashes) still load, with
 the checks that version has: the whole-file hash, the cross-check of the two configs and the
 rest of 3-6. A hash mismatch is an error; nothing falls back to the embedded config.
+
+:func:`write_adapter` and :func:`read_adapter` are the two halves shared with
+:mod:`tarp_fast.peft` (which adds the model checks of 6 for PEFT's injection).
 """
 
 from __future__ import annotations
@@ -86,19 +113,37 @@ from .nn.linear import INITS, VARIANTS, TARPLinear
 from .patch import _is_dense, patch_modules, tarp_layers, tarp_named_parameters, unpatch_modules
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterFileNotFoundError",
-           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "FORMAT_VERSION"]
+           "ADAPTER_WEIGHTS", "ADAPTER_CONFIG", "LEGACY_ADAPTER_WEIGHTS", "FORMAT_VERSION", "PEFT_TYPE",
+           "TENSOR_PREFIX", "PEFT_FIELDS"]
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # PEFT's name (format 3)
 ADAPTER_CONFIG = "adapter_config.json"
+LEGACY_ADAPTER_WEIGHTS = "adapter.safetensors"  # formats 1 and 2
 FORMAT = "tarp-fast-adapter"
-FORMAT_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+_READABLE_VERSIONS = (1, 2, 3)
+#: ``peft_type`` of a TARP adapter (PEFT reads it to pick :class:`tarp_fast.peft.TarpConfig`)
+PEFT_TYPE = "TARP"
+#: tensor names in the file: PEFT's ``base_model.model.`` + the model's parameter name (format 3)
+TENSOR_PREFIX = "base_model.model."
+#: The PEFT fields of ``adapter_config.json`` with the values :func:`save_adapter` writes when the
+#: layers do not say otherwise: every field of :class:`tarp_fast.peft.TarpConfig` but the tarp-fast
+#: record (a test keeps the two in step, so PEFT reads the file without "unexpected key" warnings).
+PEFT_FIELDS = {
+    "peft_type": PEFT_TYPE, "task_type": None, "peft_version": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "revision": None, "inference_mode": True,
+    "r": 8, "variant": "dynamic", "scale_weight": False, "scale_rank": None, "scaling": 1.0,
+    "init": "zero_delta", "target_modules": "auto", "exclude_modules": None, "modules_to_save": None,
+}
 _META_KEY = "tarp_fast_config"
 _META_HASH_KEY = "tarp_fast_config_sha256"
 _FILE_HASH_KEY = "safetensors_sha256"
 _LAYER_KEYS = ("in_features", "out_features", "bias", "rank", "variant", "scale_weight", "scale_rank",
                "scaling", "num_tasks", "init", "scale_offset")
+#: layer settings a patched model may differ in from the adapter it loads
+_LOAD_IGNORES = ("init",)
 _PENDING_RE = re.escape("." + ADAPTER_WEIGHTS) + r"\.([0-9a-f]{64})\.pending"
+_LEGACY_PENDING_RE = re.escape("." + LEGACY_ADAPTER_WEIGHTS) + r"\.([0-9a-f]{64})\.pending"
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 #: bound on sizes read from a file: real layers are far smaller, and the bound keeps a hostile
 #: config from making the shape arithmetic (e.g. the Kronecker factor search) run for hours
@@ -137,16 +182,21 @@ def _tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest()
 
 
-def _pending_path(directory: str, sha: str) -> str:
-    return os.path.join(directory, f".{ADAPTER_WEIGHTS}.{sha}.pending")
+def _weights_name(version: int) -> str:
+    """The tensor file of a format version: PEFT's name from version 3 on."""
+    return ADAPTER_WEIGHTS if version >= 3 else LEGACY_ADAPTER_WEIGHTS
 
 
-def _pending_files(directory: str) -> list[str]:
+def _pending_path(directory: str, sha: str, weights: str = ADAPTER_WEIGHTS) -> str:
+    return os.path.join(directory, f".{weights}.{sha}.pending")
+
+
+def _pending_files(directory: str, pattern: str = _PENDING_RE) -> list[str]:
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(os.path.join(directory, n) for n in names if re.fullmatch(_PENDING_RE, n))
+    return sorted(os.path.join(directory, n) for n in names if re.fullmatch(pattern, n))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -166,10 +216,14 @@ def _adapter_state(model: nn.Module) -> dict:
 def save_adapter(model: nn.Module, directory: str, *, extra: Optional[dict] = None) -> str:
     """Write the model's adapter parameters and config to ``directory``; return its path.
 
-    ``extra`` is free-form JSON stored with the config (TAMS uses it). Raises ``ValueError`` when
-    the model has no adapter parameters, an adapter tensor is not finite or ``extra`` is not
-    JSON. The files are committed as the module docstring says (one writer per folder): an
-    interrupted save leaves the previous adapter loadable, or the new one, never a mix.
+    Writes format 3 (module docstring): PEFT's file names and key layout, so
+    ``peft.PeftModel.from_pretrained`` reads what this writes (single-task TARP layers; TAMS and
+    ``num_tasks > 1`` adapters load with tarp-fast only). ``extra`` is free-form JSON stored with
+    the config (TAMS uses it). Raises ``ValueError`` when the model has no adapter parameters, an
+    adapter tensor is not finite, ``extra`` is not JSON, or ``directory`` holds a PEFT adapter of
+    another method (never overwritten). The files are committed as the module docstring says (one
+    writer per folder): an interrupted save leaves the previous adapter loadable, or the new one,
+    never a mix.
     """
     layers = tarp_layers(model)
     state = _adapter_state(model)
@@ -184,23 +238,59 @@ def save_adapter(model: nn.Module, directory: str, *, extra: Optional[dict] = No
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"save_adapter: adapter tensor {name!r} holds non-finite values (NaN or inf)")
+    layer_configs = {n: layer.tarp_config() for n, layer in layers.items()}
+    return write_adapter(directory, {TENSOR_PREFIX + n: t for n, t in tensors.items()}, layers=layer_configs,
+                         model=_model_identity(model), extra=extra or {}, header=peft_header(layer_configs, model),
+                         func="save_adapter")
+
+
+def peft_header(layers: dict, model: Optional[nn.Module] = None) -> dict:
+    """The PEFT fields (:data:`PEFT_FIELDS`) for an adapter with these layers (settings of the first)."""
+    header = dict(PEFT_FIELDS)
+    first = next(iter(layers.values()), None)
+    if first is not None:
+        header.update(r=first["rank"], variant=first["variant"], scale_weight=first["scale_weight"],
+                      scale_rank=first["scale_rank"], scaling=first["scaling"], init=first["init"])
+    header["target_modules"] = sorted(layers)
+    if model is not None:
+        header["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+        name = getattr(model, "name_or_path", None)
+        header["base_model_name_or_path"] = name if isinstance(name, str) and name else None
+    return header
+
+
+def write_adapter(directory: str, tensors: dict, *, layers: dict, model: dict, extra: dict, header: dict,
+                  func: str) -> str:
+    """Write a format-3 adapter: ``tensors`` (CPU, named as in the file), the tarp-fast record and
+    the PEFT fields ``header``; validated as the loader will read it, then committed.
+
+    The one writer of adapters: :func:`save_adapter` and ``TarpConfig.save_pretrained`` (the PEFT
+    path) both end here. Raises ``ValueError`` (prefixed ``func``) for a non-finite tensor,
+    non-JSON content or a folder holding a PEFT adapter of another method.
+    """
+    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{func}: adapter tensor {name!r} holds non-finite values (NaN or inf)")
     config = {
+        **header,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "tarp_fast_version": __version__,
-        "model": _model_identity(model),
-        "layers": {n: layer.tarp_config() for n, layer in layers.items()},
+        "model": model,
+        "layers": layers,
         "tensors": {n: {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sha256": _tensor_sha256(t)}
                     for n, t in tensors.items()},
-        "extra": extra or {},
+        "extra": extra,
     }
     try:
         embedded = json.dumps(config, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"save_adapter: argument 'extra' must be JSON (finite numbers, no objects): {exc}") from exc
+        raise ValueError(f"{func}: argument 'extra' must be JSON (finite numbers, no objects): {exc}") from exc
     # What the loader sees is the JSON round trip (tuples become lists, keys strings): validate
     # that, so a save never writes an adapter its own loader refuses.
-    _validate_config(json.loads(embedded), FORMAT_VERSION, _File("save_adapter", directory))
+    _validate_config(json.loads(embedded), FORMAT_VERSION, _File(func, directory))
+    _refuse_foreign_adapter(directory, func)
     data = _save_safetensors(tensors, metadata={_META_KEY: embedded, _META_HASH_KEY: _io.sha256_bytes(embedded.encode())})
     file_sha = _io.sha256_bytes(data)
     config_text = json.dumps({**json.loads(embedded), _FILE_HASH_KEY: file_sha}, indent=2) + "\n"
@@ -208,16 +298,43 @@ def save_adapter(model: nn.Module, directory: str, *, extra: Optional[dict] = No
     return directory
 
 
+def _existing_config(directory: str) -> Optional[dict]:
+    """The folder's ``adapter_config.json`` as a JSON object, or ``None`` (absent or unreadable)."""
+    raw = _read_bytes(os.path.join(directory, ADAPTER_CONFIG))
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _refuse_foreign_adapter(directory: str, func: str) -> None:
+    """Never overwrite a PEFT adapter of another method (a LoRA saved in the same folder, say)."""
+    existing = _existing_config(directory)
+    if existing is not None and "peft_type" in existing and existing["peft_type"] != PEFT_TYPE:
+        raise ValueError(
+            f"{func}: {os.path.join(directory, ADAPTER_CONFIG)} holds a PEFT {existing['peft_type']!r} adapter "
+            "(field 'peft_type'); saving a TARP adapter here would overwrite it. Save into another folder, or "
+            "delete that adapter first"
+        )
+
+
 def _commit(directory: str, data: bytes, file_sha: str, config_bytes: bytes) -> None:
     """The three steps of the commit protocol (module docstring), with cleanup around them."""
     os.makedirs(directory, exist_ok=True)
     config_path = os.path.join(directory, ADAPTER_CONFIG)
+    previous = _existing_config(directory)
+    legacy = previous is not None and previous.get("format") == FORMAT and previous.get("format_version") in (1, 2)
     _remove_leftovers(directory, keep=_pending_of_committed(config_path, directory))
     pending = _pending_path(directory, file_sha)
     _io.atomic_write_bytes(pending, data)  # 1: the new tensors, not yet visible
     _io.atomic_write_bytes(config_path, config_bytes)  # 2: the commit
     _io.replace_durably(pending, os.path.join(directory, ADAPTER_WEIGHTS))  # 3
     _remove_leftovers(directory, keep=None)
+    if legacy:  # the replaced version-1/2 adapter's tensor file: the new config no longer names it
+        _remove_leftovers(directory, keep=None, legacy=True)
 
 
 def _pending_of_committed(config_path: str, directory: str) -> Optional[str]:
@@ -230,13 +347,20 @@ def _pending_of_committed(config_path: str, directory: str) -> Optional[str]:
     return _pending_path(directory, recorded) if isinstance(recorded, str) and _SHA256_RE.fullmatch(recorded) else None
 
 
-def _remove_leftovers(directory: str, keep: Optional[str]) -> None:
+def _remove_leftovers(directory: str, keep: Optional[str], legacy: bool = False) -> None:
     """Delete this module's temporaries and pending files in ``directory`` (one writer per folder).
 
-    Failing to delete is not an error: a leftover never changes what loads, it only takes space.
+    ``legacy``: those of a version-1/2 adapter instead, and its ``adapter.safetensors`` (called
+    only after a version-3 commit replaced that adapter). Failing to delete is not an error: a
+    leftover never changes what loads, it only takes space.
     """
-    targets = (re.escape(ADAPTER_WEIGHTS), re.escape(ADAPTER_CONFIG), _PENDING_RE)
-    leftovers = [p for t in targets for p in _io.stale_temporaries(directory, t)] + _pending_files(directory)
+    if legacy:
+        targets = (re.escape(LEGACY_ADAPTER_WEIGHTS), _LEGACY_PENDING_RE)
+        leftovers = [p for t in targets for p in _io.stale_temporaries(directory, t)]
+        leftovers += _pending_files(directory, _LEGACY_PENDING_RE) + [os.path.join(directory, LEGACY_ADAPTER_WEIGHTS)]
+    else:
+        targets = (re.escape(ADAPTER_WEIGHTS), re.escape(ADAPTER_CONFIG), _PENDING_RE)
+        leftovers = [p for t in targets for p in _io.stale_temporaries(directory, t)] + _pending_files(directory)
     for path in leftovers:
         if path != keep:
             try:
@@ -249,7 +373,7 @@ def _remove_leftovers(directory: str, keep: Optional[str]) -> None:
 @dataclass
 class _Adapter:
     config: dict  # adapter_config.json, validated (equal to the embedded config but for the file hash)
-    tensors: dict  # name -> CPU tensor, validated
+    tensors: dict  # model parameter name (file name less TENSOR_PREFIX) -> CPU tensor, validated
     version: int
     config_path: str
     weights_path: str  # the tensor file read: a pending file after a save torn between steps 2 and 3
@@ -262,6 +386,11 @@ def read_adapter_config(directory: str) -> dict:
     consistent adapter, exactly when :func:`load_adapter` would for the files alone.
     """
     return _read_adapter(directory, "read_adapter_config").config
+
+
+def read_adapter(directory: str, func: str) -> _Adapter:
+    """Checks 1-5 of the module docstring; errors read ``<func>: <path>: ...`` (for :mod:`tarp_fast.peft`)."""
+    return _read_adapter(directory, func)
 
 
 def _read_adapter(directory: str, func: str) -> _Adapter:
@@ -278,13 +407,15 @@ def _read_adapter(directory: str, func: str) -> _Adapter:
     _cross_check(config, embedded, cfile, path)
     _validate_config(embedded, version, cfile)
     tensors = _load_tensors(data, entries, embedded["tensors"], version, wfile)
+    if version >= 3:  # validated: every name starts with the prefix
+        tensors = {n[len(TENSOR_PREFIX):]: t for n, t in tensors.items()}
     return _Adapter(config, tensors, version, config_path, path)
 
 
 def _read_config_file(directory: str, cfile: _File) -> tuple:
     """``adapter_config.json`` parsed, with its format and version checked."""
     if not os.path.isfile(cfile.path):
-        pending = _pending_files(directory)
+        pending = _pending_files(directory) or _pending_files(directory, _LEGACY_PENDING_RE)
         if pending:
             raise AdapterFileNotFoundError(
                 f"{cfile.func}: {cfile.path} does not exist: an interrupted save left the pending file "
@@ -298,6 +429,11 @@ def _read_config_file(directory: str, cfile: _File) -> tuple:
     with open(cfile.path, "rb") as fh:
         raw = fh.read()
     config = _parse_json(raw, cfile, "(document)")
+    peft_type = config.get("peft_type")
+    if peft_type is not None and peft_type != PEFT_TYPE:
+        raise cfile.error("peft_type", f"is {_short(peft_type)}: this is a PEFT {_short(peft_type)} adapter, not a "
+                                       f"TARP adapter (peft_type {PEFT_TYPE!r}); load it with "
+                                       "peft.PeftModel.from_pretrained")
     if config.get("format") != FORMAT:
         raise cfile.error("format", f"must be {FORMAT!r}, got {_short(config.get('format'))}: "
                                     "this is not a tarp-fast adapter config")
@@ -332,19 +468,20 @@ def _tensor_file_for(directory: str, recorded: str, version: int, func: str, con
     ``adapter.safetensors`` when it matches; else the pending file of a save interrupted after
     its commit (version 2). Anything else was replaced or corrupted, or the folder is torn.
     """
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS)
+    weights_name = _weights_name(version)
+    weights_path = os.path.join(directory, weights_name)
     data = _read_bytes(weights_path)
     if data is not None and _io.sha256_bytes(data) == recorded:
         return weights_path, data
     if version >= 2:
-        pending = _pending_path(directory, recorded)
+        pending = _pending_path(directory, recorded, weights_name)
         pdata = _read_bytes(pending)
         if pdata is not None and _io.sha256_bytes(pdata) == recorded:
             return pending, pdata
     if data is None:
         raise AdapterFileNotFoundError(
             f"{func}: {weights_path} does not exist (an adapter folder holds {ADAPTER_CONFIG} and "
-            f"{ADAPTER_WEIGHTS}, written by save_adapter)"
+            f"{weights_name}, written by save_adapter)"
         )
     raise ValueError(
         f"{func}: {weights_path}: its sha256 {_io.sha256_bytes(data)[:16]}... differs from field "
@@ -453,12 +590,18 @@ def _validate_config(config: dict, version: int, file: _File) -> None:
             raise file.error("model.model_type", f"must be a string or null, got {_short(mt)}")
         _get_typed(model, "class", "model.class", file, str, "a string")
     _get_typed(config, "extra", "extra", file, dict, "an object")
+    if version >= 3:
+        peft_type = _get(config, "peft_type", "peft_type", file)
+        if peft_type != PEFT_TYPE:
+            raise file.error("peft_type", f"must be {PEFT_TYPE!r}, got {_short(peft_type)}")
     tensors = _get_typed(config, "tensors", "tensors", file, dict, "an object")
     for name, entry in tensors.items():
         _validate_tensor_entry(name, entry, version, file)
+        if version >= 3 and not name.startswith(TENSOR_PREFIX):
+            raise file.error(f"tensors.{name}", f"must be named {TENSOR_PREFIX!r} + a parameter name (PEFT's layout)")
     layers = _get_typed(config, "layers", "layers", file, dict, "an object")
     for lname, cfg in layers.items():
-        _validate_layer(lname, cfg, tensors, file)
+        _validate_layer(lname, cfg, tensors, file, TENSOR_PREFIX if version >= 3 else "")
 
 
 def _validate_tensor_entry(name: str, entry: Any, version: int, file: _File) -> None:
@@ -477,7 +620,7 @@ def _validate_tensor_entry(name: str, entry: Any, version: int, file: _File) -> 
             raise file.error(f"{field}.sha256", f"must be 64 lowercase hex digits, got {_short(sha)}")
 
 
-def _validate_layer(lname: str, cfg: Any, tensors: dict, file: _File) -> None:
+def _validate_layer(lname: str, cfg: Any, tensors: dict, file: _File, prefix: str = "") -> None:
     field = f"layers.{lname}"
     if not lname or not isinstance(cfg, dict):
         raise file.error(field, f"must be a non-empty module name with an object, got {_short(cfg)}")
@@ -499,7 +642,7 @@ def _validate_layer(lname: str, cfg: Any, tensors: dict, file: _File) -> None:
             raise file.error(f"{field}.{key}", f"is {_short(cfg[key])}, but the layer's other settings imply "
                                                f"{_short(derived[key])}")
     for pname, p in probe.tarp_named_parameters():
-        key = f"{lname}.{pname}"
+        key = f"{prefix}{lname}.{pname}"
         if key not in tensors:
             raise file.error(field, f"implies tensor {key!r}, which is missing from field 'tensors'")
         if tensors[key]["shape"] != list(p.shape):
@@ -637,7 +780,10 @@ def _check_tarp_layers(model: nn.Module, layers: dict, saved: dict, strict: bool
             raise cfile.error(f"layers.{lname}", "names a module that is not a TARP layer of the model (the model "
                                                  "is patched, so its TARP layers must be the adapter's)")
         mine = layer.tarp_config()
-        diff = {k: (cfg[k], mine[k]) for k in _LAYER_KEYS if cfg[k] != mine[k]}
+        # `init` only says how the factors were first drawn: once loaded they are the adapter's.
+        # The scale_offset it implies matters only with the multiplicative term (scale_weight).
+        ignored = _LOAD_IGNORES + (() if cfg["scale_weight"] or mine["scale_weight"] else ("scale_offset",))
+        diff = {k: (cfg[k], mine[k]) for k in _LAYER_KEYS if k not in ignored and cfg[k] != mine[k]}
         if diff:
             raise cfile.error(f"layers.{lname}", f"differs from the adapter config (adapter, model): {diff}")
     if strict:

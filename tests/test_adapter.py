@@ -18,7 +18,13 @@ from safetensors.torch import load_file, save_file
 
 import tarp_fast
 from tarp_fast import load_adapter, patch_model, save_adapter
-from tarp_fast.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from tarp_fast.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FORMAT_VERSION,
+    LEGACY_ADAPTER_WEIGHTS,
+    TENSOR_PREFIX,
+)
 
 
 def _patched(rank=2, seed=0, **kw):
@@ -78,14 +84,20 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return _sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
-def resign(folder, mutate_tensors=None, mutate_config=None, *, version=2):
+def resign(folder, mutate_tensors=None, mutate_config=None, *, version=FORMAT_VERSION):
     """Rewrite both files as save_adapter would after ``mutate_tensors(dict)`` / ``mutate_config(cfg)``.
 
     The tensor listing is recomputed from the tensors before ``mutate_config`` runs, so that an
     edit of the listing (a shape, a hash) survives; every other hash is recomputed after it.
+    ``version`` < 3 writes the old layout (``adapter.safetensors``, names without PEFT's prefix).
     """
     folder = pathlib.Path(folder)
-    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    source = folder / ADAPTER_WEIGHTS if (folder / ADAPTER_WEIGHTS).exists() else folder / LEGACY_ADAPTER_WEIGHTS
+    tensors = load_file(str(source))
+    weights = folder / (ADAPTER_WEIGHTS if version >= 3 else LEGACY_ADAPTER_WEIGHTS)
+    if version < 3:
+        tensors = {k.removeprefix(TENSOR_PREFIX): v for k, v in tensors.items()}
+        source.unlink()
     if mutate_tensors:
         mutate_tensors(tensors)
     cfg = json.loads((folder / ADAPTER_CONFIG).read_text())
@@ -98,8 +110,8 @@ def resign(folder, mutate_tensors=None, mutate_config=None, *, version=2):
     meta = {"tarp_fast_config": text}
     if version >= 2:
         meta["tarp_fast_config_sha256"] = _sha256(text.encode())
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata=meta)
-    cfg["safetensors_sha256"] = _sha256((folder / ADAPTER_WEIGHTS).read_bytes())
+    save_file(tensors, str(weights), metadata=meta)
+    cfg["safetensors_sha256"] = _sha256(weights.read_bytes())
     (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg))
 
 
@@ -122,7 +134,7 @@ def test_load_rejects_non_finite_missing_and_unexpected(tmp_path):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
     save_adapter(_patched(), str(tmp_path))
-    resign(tmp_path, lambda t: t.__setitem__("transformer.h.0.attn.c_attn.tarp_X", torch.zeros(2)))
+    resign(tmp_path, lambda t: t.__setitem__(TENSOR_PREFIX + "transformer.h.0.attn.c_attn.tarp_X", torch.zeros(2)))
     with pytest.raises(ValueError, match="unexpected keys .*tarp_X"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
 
@@ -146,7 +158,7 @@ def test_load_rejects_config_that_disagrees_with_tensors(tmp_path):
 @pytest.mark.parametrize("content,msg", [("{not json", "not valid UTF-8 JSON"),
                                          ('{"format": "other"}', "not a tarp-fast adapter"),
                                          ('{"format": "tarp-fast-adapter", "format_version": 99}',
-                                          r"field 'format_version' must be one of \[1, 2\], got 99")])
+                                          r"field 'format_version' must be one of \[1, 2, 3\], got 99")])
 def test_load_rejects_bad_config_files(tmp_path, content, msg):
     save_adapter(_patched(), str(tmp_path))
     (tmp_path / ADAPTER_CONFIG).write_text(content)
@@ -176,7 +188,7 @@ def test_crash_during_save_leaves_previous_adapter_loadable(tmp_path, monkeypatc
     monkeypatch.setattr(tarp_fast._io, "replace_durably", crash)
     with pytest.raises(KeyboardInterrupt):
         save_adapter(second, str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]  # no temp file left
+    assert sorted(os.listdir(tmp_path)) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])  # no temp file left
     restored = load_adapter(tiny_model("gpt2"), str(tmp_path))
     assert torch.equal(_first_param(restored)[1], _first_param(first)[1])
 

@@ -26,12 +26,15 @@ from tarp_fast.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FORMAT_VERSION,
+    LEGACY_ADAPTER_WEIGHTS,
+    TENSOR_PREFIX,
     AdapterFileNotFoundError,
     read_adapter_config,
 )
 from tarp_fast.patch import tarp_named_parameters
 
 LAYER = "transformer.h.0.attn.c_attn"
+KEY = TENSOR_PREFIX + LAYER  # its tensors' names in the file (PEFT's layout)
 
 
 def _values(model) -> dict:
@@ -183,7 +186,7 @@ def test_corruption_sweep_of_the_tensor_file(tmp_path):
 
 
 DROP = object()
-U = ("tensors", f"{LAYER}.tarp_U")
+U = ("tensors", f"{KEY}.tarp_U")
 L = ("layers", LAYER)
 
 
@@ -204,7 +207,7 @@ def _edit(keys, value):
 CONFIG_EDITS = {  # edits of adapter_config.json alone: (path, new value, expected message)
     "scaling": ((*L, "scaling"), 3.0, f"field 'layers.{LAYER}.scaling'"),
     "rank": ((*L, "rank"), 3, f"field 'layers.{LAYER}.rank'"),
-    "shape": ((*U, "shape"), [96, 3], f"field 'tensors.{LAYER}.tarp_U.shape[1]'"),
+    "shape": ((*U, "shape"), [96, 3], f"field 'tensors.{KEY}.tarp_U.shape[1]'"),
     "file hash": (("safetensors_sha256",), "0" * 64, "replaced or corrupted"),
     "hash type": (("safetensors_sha256",), 7, "field 'safetensors_sha256' must be a sha256"),
     "missing key": (("tensors",), DROP, "field 'tensors' is '<missing>' here"),
@@ -232,7 +235,7 @@ def test_corruption_sweep_of_adapter_config(tmp_path):
 # deliberate forgery): what the checks behind the hashes see. Each was a raw KeyError, TypeError,
 # SafetensorError or a silent load before.
 RESIGNED_EDITS = [  # (path, new value, expected message)
-    ((*U, "shape"), DROP, f"field 'tensors.{LAYER}.tarp_U.shape' is missing"),
+    ((*U, "shape"), DROP, f"field 'tensors.{KEY}.tarp_U.shape' is missing"),
     ((*U, "shape"), "96x2", "must be a list of sizes"),
     ((*U, "shape"), [96, -2], "must be a list of sizes"),
     ((*U, "dtype"), "float99", "must name a torch dtype"),
@@ -250,7 +253,8 @@ RESIGNED_EDITS = [  # (path, new value, expected message)
     (("model",), DROP, "field 'model' is missing"),
     (("extra",), [], "field 'extra' must be an object"),
     (("tensors",), [], "field 'tensors' must be an object"),
-    (("tensors", "x.tarp_Z"), {"shape": [1], "dtype": "float32", "sha256": "0" * 64}, "only in the config ['x.tarp_Z']"),
+    (("tensors", TENSOR_PREFIX + "x.tarp_Z"), {"shape": [1], "dtype": "float32", "sha256": "0" * 64},
+     f"only in the config ['{TENSOR_PREFIX}x.tarp_Z']"),
 ]
 
 
@@ -260,7 +264,7 @@ def test_resigned_edits_are_value_errors_naming_file_and_field(tmp_path):
         resign(tmp_path, mutate_config=_edit(keys, value))
         _load_fails(tmp_path, match=expect)
     _saved(tmp_path)
-    resign(tmp_path, mutate_tensors=lambda t: t.__setitem__(f"{LAYER}.tarp_U", t[f"{LAYER}.tarp_U"].double()))
+    resign(tmp_path, mutate_tensors=lambda t: t.__setitem__(f"{KEY}.tarp_U", t[f"{KEY}.tarp_U"].double()))
     # file and config agree on float64, the model is float32: a TypeError (the model's dtype)
     with pytest.raises(TypeError, match="is float64, the model parameter is float32"):
         load_adapter(tiny_model("gpt2"), str(tmp_path))
@@ -398,7 +402,7 @@ def _listing(folder):
 
 def _crash_at(monkeypatch, step):
     """Make the ``step``-th rename of a save raise (1: temp -> pending, 2: the commit, 3: pending ->
-    adapter.safetensors), as if the process died just before it."""
+    adapter_model.safetensors), as if the process died just before it."""
     real, calls = tarp_fast._io.replace_durably, []
 
     def replace(src, dst):
@@ -423,7 +427,7 @@ def test_crash_at_each_step_leaves_the_old_or_the_new_adapter(tmp_path, monkeypa
     want = new if step == 3 else old  # step 3 comes after the commit: rolled forward from the pending file
     assert all(torch.equal(got[k], want[k]) for k in want)
     save_adapter(_patched(seed=3), str(tmp_path))  # the next save cleans up
-    assert _listing(tmp_path) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    assert _listing(tmp_path) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
 
 
 @pytest.mark.parametrize("step", [1, 2, 3])
@@ -436,7 +440,7 @@ def test_crash_during_a_first_save(tmp_path, monkeypatch, step):
     if step == 1:
         _load_fails(tmp_path, match="adapter_config.json does not exist (an adapter folder holds")
     elif step == 2:
-        _load_fails(tmp_path, match="an interrupted save left the pending file .adapter.safetensors.")
+        _load_fails(tmp_path, match="an interrupted save left the pending file .adapter_model.safetensors.")
         _load_fails(tmp_path, match="the save never completed")
     else:
         got = _values(load_adapter(tiny_model("gpt2"), str(tmp_path)))
@@ -446,10 +450,11 @@ def test_crash_during_a_first_save(tmp_path, monkeypatch, step):
 
 def test_save_removes_stale_temporaries_and_nothing_else(tmp_path):
     _saved(tmp_path)
-    stale = [".adapter.safetensors.k3j_9xq0.tmp",  # what a save killed mid-write left (31 MB in the report)
-             ".adapter_config.json.abcdefgh.tmp", "." + ".adapter.safetensors." + "1" * 64 + ".pending.zzzzzzzz.tmp",
-             ".adapter.safetensors." + "2" * 64 + ".pending"]
-    mine = ["notes.tmp", ".adapter.safetensors.tmp", "adapter.safetensors.bak", ".adapter.safetensors.TOOLONG99.tmp"]
+    stale = [".adapter_model.safetensors.k3j_9xq0.tmp",  # what a save killed mid-write left (31 MB in the report)
+             ".adapter_config.json.abcdefgh.tmp", "." + ".adapter_model.safetensors." + "1" * 64 + ".pending.zzzzzzzz.tmp",
+             ".adapter_model.safetensors." + "2" * 64 + ".pending"]
+    mine = ["notes.tmp", ".adapter_model.safetensors.tmp", "adapter_model.safetensors.bak",
+            ".adapter_model.safetensors.TOOLONG99.tmp"]
     for name in stale + mine:
         (tmp_path / name).write_bytes(b"x" * 100)
     load_adapter(tiny_model("gpt2"), str(tmp_path))  # leftovers never change what loads
@@ -524,7 +529,7 @@ def test_real_process_killed_mid_save_leaves_a_whole_adapter(tmp_path):
         _wait(pid)
         check()
     save_adapter(a_model, str(tmp_path))
-    assert _listing(tmp_path) == [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    assert _listing(tmp_path) == sorted([ADAPTER_WEIGHTS, ADAPTER_CONFIG])
 
 
 # ---- version 1 ------------------------------------------------------------------------------------
@@ -545,8 +550,9 @@ def test_version_1_adapter_still_loads(tmp_path):
     assert cfg["format_version"] == 1 and "sha256" not in cfg["tensors"][f"{LAYER}.tarp_U"]
     got = _values(load_adapter(tiny_model("gpt2"), str(tmp_path)))
     assert all(torch.equal(got[k], saved[k]) for k in saved)
-    save_adapter(load_adapter(tiny_model("gpt2"), str(tmp_path)), str(tmp_path))  # re-saved as version 2
-    assert read_adapter_config(str(tmp_path))["format_version"] == 2
+    save_adapter(load_adapter(tiny_model("gpt2"), str(tmp_path)), str(tmp_path))  # re-saved as the current version
+    assert read_adapter_config(str(tmp_path))["format_version"] == FORMAT_VERSION
+    assert _listing(tmp_path) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]  # the old adapter.safetensors is gone
 
 
 def test_version_1_mismatch_is_an_error_not_a_fallback(tmp_path):
@@ -555,7 +561,7 @@ def test_version_1_mismatch_is_an_error_not_a_fallback(tmp_path):
     for sub in ("a", "b"):
         _as_version_1(tmp_path / sub)
     # the torn pair version 1 "repaired" with the embedded config, with only a warning
-    (tmp_path / "a" / ADAPTER_WEIGHTS).write_bytes((tmp_path / "b" / ADAPTER_WEIGHTS).read_bytes())
+    (tmp_path / "a" / LEGACY_ADAPTER_WEIGHTS).write_bytes((tmp_path / "b" / LEGACY_ADAPTER_WEIGHTS).read_bytes())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _load_fails(tmp_path / "a", match="replaced or corrupted")

@@ -103,7 +103,7 @@ def test_prepare_adapt_and_bench_from_a_local_llama_and_tokenizer(tmp_path, corp
     assert json.loads((tmp_path / "prep" / "base" / "config.json").read_text())["model_type"] == "llama"
     rc = main(["adapt", "--prepared", str(tmp_path / "prep"), *src, "--domain", "four", "--out",
                str(tmp_path / "ad"), "--steps", "2", "--threads", "1", "--no-progress"])
-    assert rc == 0 and (tmp_path / "ad" / "adapter" / "adapter.safetensors").is_file()
+    assert rc == 0 and (tmp_path / "ad" / "adapter" / "adapter_model.safetensors").is_file()
 
     out = tmp_path / "bench.json"
     rc = main(["bench-adapt", *src, "--heldout", "four", "--model", str(tmp_path / "llama"),

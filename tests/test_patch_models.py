@@ -86,7 +86,7 @@ def test_adapter_round_trip_is_bitwise(family, tmp_path):
     with torch.no_grad():
         expected = model(**data).logits
     save_adapter(model, str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     load_adapter(fresh, str(tmp_path))  # patches the fresh model from the config, then loads
     for (n1, p1), (n2, p2) in zip(tarp_fast.patch.tarp_named_parameters(model),
                                   tarp_fast.patch.tarp_named_parameters(fresh)):
