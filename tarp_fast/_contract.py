@@ -200,7 +200,8 @@ def check_tarp_args(
     for name, val in (("scaling", scaling), ("scale_offset", scale_offset)):
         if isinstance(val, bool) or not isinstance(val, (int, float)):
             raise TypeError(f"tarp_linear: argument '{name}' must be a Python float, got {type(val).__name__}")
-        if not math.isfinite(float(val)):
+        # (inside a torch.compile trace with dynamic=True a float may be symbolic: not checked there)
+        if not torch.compiler.is_compiling() and not math.isfinite(float(val)):
             raise ValueError(f"tarp_linear: argument '{name}' must be finite, got {val}")
     multi = task_index is not None
     if multi:

@@ -244,7 +244,13 @@ _fwd_overload = []
 
 
 def _FWD_OP():
-    """``torch.ops.tarp_fast.native_tarp_fwd.default``, looked up once (the packet costs ~5 us)."""
+    """``torch.ops.tarp_fast.native_tarp_fwd.default``, looked up once (the packet costs ~5 us).
+
+    Under ``torch.compile`` the lookup is traced directly: appending to the cache inside a trace
+    would change a guarded global and recompile the graph on its next call.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.tarp_fast.native_tarp_fwd.default
     if not _fwd_overload:
         _fwd_overload.append(torch.ops.tarp_fast.native_tarp_fwd.default)
     return _fwd_overload[0]

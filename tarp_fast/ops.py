@@ -9,9 +9,18 @@ picks a backend and calls it:
 * ``native``: the compiled extension ``tarp_fast._C`` (CPU ops).
 
 ``backend="auto"`` picks triton on CUDA tensors when it can be imported, native on CPU where it is
-built and measured faster for the shape, and the reference otherwise. A backend is imported only
-when it is first asked for, so ``import tarp_fast`` needs neither Triton nor the extension, and
-nothing here touches ``torch.cuda`` at import time.
+built and measured faster for the shape, and the reference otherwise.
+
+Inside ``torch.func`` transforms (``grad``, ``vmap``, ``functional_call`` under them, ...) every
+backend, ``auto`` or named, runs the reference: the fused backends are opaque to functorch (a C++
+autograd node, Triton launches without a vmap rule), the reference is plain PyTorch. Under
+autocast (``torch.autocast``) the call runs in the autocast dtype like ``F.linear``: float32
+tensors (the base weight, fp32 factors, x) are cast to it and the gradients flow back to them in
+their own dtype.
+
+A backend is imported only when it is first asked for, so ``import tarp_fast`` needs neither
+Triton nor the extension, and nothing here touches ``torch.cuda`` at import time; under
+``torch.compile`` in a cold process that first ask happens at trace time (:func:`_load`).
 """
 
 from __future__ import annotations
@@ -20,6 +29,8 @@ import importlib
 import os
 from collections.abc import Callable
 from typing import Optional
+
+import torch
 
 from . import reference
 from ._contract import DEFAULT_SCALE_OFFSET, TarpSpec, check_tarp_args
@@ -50,21 +61,37 @@ _modules: dict[str, object] = {}
 def _load(name: str) -> tuple[Optional[Callable], Optional[str]]:
     """Import a backend once; return ``(fn, None)`` or ``(None, reason)``.
 
-    After the first call this is a dict lookup, so ``torch.compile`` traces through it.
+    After the first call this is a dict lookup. Under ``torch.compile`` the first call (a cold
+    process: nothing ran eagerly before) imports through :func:`_load_outside_trace`, which
+    Dynamo runs as plain Python at trace time instead of tracing ``importlib``.
     """
     if name == "reference":
         return reference.run_validated, None
-    if name not in _loaded:
-        module, attr, _ = _BACKEND_SOURCES[name]
-        try:
-            mod = importlib.import_module(module)
-            fn = getattr(mod, attr)
-            reason = getattr(mod, "unavailable_reason", lambda: None)()
-            _loaded[name] = (None, reason) if reason else (fn, None)
-            _modules[name] = mod
-        except Exception as exc:  # ImportError, or a broken build raising at import
-            _loaded[name] = (None, f"{type(exc).__name__}: {exc}")
+    if torch.compiler.is_compiling():
+        _load_outside_trace(name)
+    elif name not in _loaded:
+        _import_backend(name)
     return _loaded[name]
+
+
+def _import_backend(name: str) -> None:
+    module, attr, _ = _BACKEND_SOURCES[name]
+    try:
+        mod = importlib.import_module(module)
+        fn = getattr(mod, attr)
+        reason = getattr(mod, "unavailable_reason", lambda: None)()
+        _loaded[name] = (None, reason) if reason else (fn, None)
+        _modules[name] = mod
+    except Exception as exc:  # ImportError, or a broken build raising at import
+        _loaded[name] = (None, f"{type(exc).__name__}: {exc}")
+
+
+@torch.compiler.assume_constant_result
+def _load_outside_trace(name: str) -> bool:
+    """:func:`_import_backend` once; Dynamo calls it at trace time and keeps the result as a constant."""
+    if name not in _loaded:
+        _import_backend(name)
+    return True
 
 
 def available_backends() -> dict[str, Optional[str]]:
@@ -87,10 +114,23 @@ def _native_preferred(spec: TarpSpec) -> bool:
     return bool(prefer(spec)) if prefer is not None else False
 
 
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) is running this call.
+
+    Not asked inside a ``torch.compile`` trace (Dynamo runs functorch transforms as its own
+    higher-order ops; a compiled graph calls the fused ops as usual).
+    """
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def _resolve(backend: str, spec: TarpSpec) -> Callable:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"tarp_linear: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
+    if backend == "reference" or _functorch_active():
+        # Inside torch.func transforms every backend runs the reference: the native op's autograd
+        # node is C++ (functorch cannot transform it) and the Triton launches have no vmap rule;
+        # the reference is plain differentiable PyTorch, so grad, vmap, jacrev, hessian and
+        # second-order MAML all see the exact formula.
         return reference.run_validated
     if backend == "auto":
         if spec.device.type == "cuda":
@@ -113,6 +153,21 @@ def _resolve(backend: str, spec: TarpSpec) -> Callable:
     if fn is None:
         raise _unavailable(backend, reason)
     return fn
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (``meta`` and the like have none)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def _autocast(t, dtype: torch.dtype):
+    """``t`` in the autocast dtype when autocast would cast it (a float32/16 tensor), else as is."""
+    if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_ELIGIBLE and t.dtype != dtype:
+        return t.to(dtype)
+    return t
 
 
 def tarp_linear(
@@ -153,8 +208,24 @@ def tarp_linear(
     ``hard_skip=True`` declares that rows with ``gate == 0`` are not computed: their output is
     ``skip_gate · x + residual`` and their gate gradient is 0.
 
+    Under ``torch.autocast`` for x's device the call computes in the autocast dtype (float32
+    tensors are cast to it, as ``F.linear`` does) and returns that dtype.
+
     ``backend``: ``"auto" | "reference" | "triton" | "native"`` (see the module docstring).
     """
+    if isinstance(x, torch.Tensor) and _autocast_on(x.device.type):
+        # Autocast: run in its dtype, like F.linear (float32 tensors cast, float64 left alone),
+        # then without autocast, so every backend computes exactly as with those inputs.
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, bias, U, V, G, P, Q, gate, skip_gate, residual = (
+            _autocast(t, dtype) for t in (x, weight, bias, U, V, G, P, Q, gate, skip_gate, residual))
+        with torch.autocast(device_type, enabled=False):
+            return tarp_linear(
+                x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
+                task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
+                activation=activation, hard_skip=hard_skip, backend=backend,
+            )
     spec = check_tarp_args(
         x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
         task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,

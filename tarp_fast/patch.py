@@ -14,13 +14,23 @@ puts the very same module objects back: the state dict is restored bitwise.
 * a list of names: a module is targeted when its qualified name equals an entry or ends with
   ``"." + entry``.
 * a callable ``(name, module) -> bool``.
+
+Shipping a patched model: :func:`tarp_fast.save_adapter` writes the adapter (the TARP factors)
+and ``unpatch_model(model).save_pretrained(dir)`` the base; or :func:`merge_and_unload` folds a
+static adapter (``bilinear``, ``kronecker``) into the base weights and leaves a plain model that
+``save_pretrained`` writes and the plain class (``AutoModelForCausalLM.from_pretrained``) loads.
+``save_pretrained`` on a patched model warns (:class:`PatchedSaveWarning`): it writes the
+``tarp_*`` tensors into ``model.safetensors``, which the plain class lists as UNEXPECTED and
+drops (it suits only checkpoints reloaded into the same patched model, as ``Trainer`` does).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Union
 
+import torch
 import torch.nn as nn
 
 from .nn.linear import TARP_PARAM_PREFIX, TARPLinear, _is_conv1d
@@ -34,6 +44,8 @@ __all__ = [
     "tarp_layers",
     "is_adapter_parameter",
     "AUTO_TARGETS",
+    "merge_and_unload",
+    "PatchedSaveWarning",
 ]
 
 #: Name suffixes targeted by ``targets="auto"``, by ``config.model_type``.
@@ -114,6 +126,7 @@ def patch_modules(model: nn.Module, layer_kw_by_name: dict[str, dict]) -> list[s
     except BaseException:
         unpatch_modules(model, done)
         raise
+    _guard_save_pretrained(model)
     return list(layer_kw_by_name)
 
 
@@ -135,18 +148,40 @@ def unpatch_modules(model: nn.Module, names: Iterable[str]) -> None:
         _set_submodule(model, name, original)
     if not originals:
         model.__dict__.pop(_ORIGINALS, None)
+        _drop_save_guard(model)
+
+
+def _peft_wrapped(model: nn.Module) -> list[str]:
+    """Where PEFT has wrapped ``model``: the model itself and every module of a ``peft`` class."""
+    found = []
+    for name, module in model.named_modules():
+        if type(module).__module__.split(".")[0] == "peft":
+            found.append(name or type(module).__name__)
+    if not found and hasattr(model, "peft_config"):
+        found.append(type(model).__name__)
+    return found
 
 
 def patch_model(model: nn.Module, *, targets: Targets = "auto", **layer_kw) -> nn.Module:
     """Replace the targeted dense layers of ``model`` by TARPLinear layers, in place.
 
     ``layer_kw`` goes to :class:`~tarp_fast.TARPLinear` (``rank``, ``variant``, ``scale_weight``,
-    ``num_tasks``, ...). Returns ``model``. Raises ``ValueError`` when nothing matches.
+    ``num_tasks``, ...). Returns ``model``. Raises ``ValueError`` when nothing matches, and for a
+    model wrapped by PEFT (patch the base model before wrapping it, or merge PEFT's adapter into it
+    first: PEFT's layers are not ``nn.Linear``, so only the layers PEFT left alone would be
+    patched). ``model.save_pretrained`` then warns (:class:`PatchedSaveWarning`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch_model: argument 'model' must be an nn.Module, got {type(model).__name__}")
     if tarp_layers(model):
         raise RuntimeError("patch_model: the model is already patched; call unpatch_model(model) first")
+    peft = _peft_wrapped(model)
+    if peft:
+        raise ValueError(
+            f"patch_model: the model is wrapped by PEFT ({', '.join(peft[:3])}{', ...' if len(peft) > 3 else ''}): "
+            "its adapter layers are not nn.Linear, so TARP would patch only the layers PEFT left alone and skip "
+            "the rest. Patch the base model before PEFT wraps it, or fold PEFT's adapter in first "
+            "(model = model.merge_and_unload())")
     wanted = _target_predicate(model, targets)
     seen, names = set(), []
     for name, module in model.named_modules():
@@ -168,6 +203,93 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if not originals:
         raise RuntimeError("unpatch_model: the model is not patched (no TARP layers recorded)")
     unpatch_modules(model, list(originals))
+    return model
+
+
+# ---- shipping: save_pretrained guard, merge_and_unload ----------------------------------------------
+
+class PatchedSaveWarning(UserWarning):
+    """``save_pretrained`` of a model with TARP layers (see :mod:`tarp_fast.patch`)."""
+
+
+_SAVE_GUARD = "save_pretrained"
+
+
+class _GuardedSavePretrained:
+    """``model.save_pretrained`` while the model is patched: warns, then saves as usual.
+
+    An instance attribute (not a class change): ``unpatch_model``/``merge_and_unload`` remove it,
+    and deep copies and pickles of the model carry it along with the model it belongs to.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        if tarp_layers(model):
+            warnings.warn(
+                f"save_pretrained of a model with TARP layers writes their tarp_* factors into model.safetensors; "
+                f"{type(model).__name__}.from_pretrained of the plain class lists them as UNEXPECTED and drops "
+                "them (only this patched model can reload that checkpoint). To ship the result: "
+                "tarp_fast.save_adapter(model, dir) for the adapter and unpatch_model(model).save_pretrained(dir) "
+                "for the base; or tarp_fast.merge_and_unload(model).save_pretrained(dir) for one plain model "
+                "(bilinear and kronecker adapters)", PatchedSaveWarning, stacklevel=2)
+        return type(model).save_pretrained(model, *args, **kwargs)
+
+
+def _guard_save_pretrained(model: nn.Module) -> None:
+    if callable(getattr(type(model), _SAVE_GUARD, None)) and _SAVE_GUARD not in model.__dict__:
+        model.__dict__[_SAVE_GUARD] = _GuardedSavePretrained(model)
+
+
+def _drop_save_guard(model: nn.Module) -> None:
+    if isinstance(model.__dict__.get(_SAVE_GUARD), _GuardedSavePretrained):
+        del model.__dict__[_SAVE_GUARD]
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every TARP layer's delta into its base weight and put the plain modules back; in place.
+
+    Returns ``model``, now with the original ``nn.Linear``/``Conv1D`` modules (the same objects
+    ``patch_model`` replaced) holding the merged weights ``W' = W ⊙ scale + scaling U V``
+    (``bilinear``) or ``W ⊙ scale + scaling Σ A ⊗ B`` (``kronecker``): its outputs match the
+    patched model's up to rounding, and ``save_pretrained`` writes a checkpoint that the plain
+    class loads. Only static adapters merge: a ``dynamic`` layer's delta depends on its input and
+    a multi-task layer has one delta per task, so either is a ``ValueError`` naming the layers,
+    raised before anything changes. A model with TAMS cells is refused too (``remove_tams`` first:
+    the cells are extra modules the plain class does not have).
+    """
+    layers = tarp_layers(model)
+    if not layers:
+        raise ValueError("merge_and_unload: the model has no TARP layers (patch_model was not called, or it was "
+                         "already merged and unloaded)")
+    dynamic = [n for n, m in layers.items() if m.variant == "dynamic"]
+    if dynamic:
+        raise ValueError(
+            f"merge_and_unload: {len(dynamic)} TARP layer(s) are variant='dynamic' ({', '.join(dynamic[:3])}"
+            f"{', ...' if len(dynamic) > 3 else ''}): their delta U S(x) V depends on the input, so no weight "
+            "equals it. Ship the base and the adapter (save_adapter; load_adapter on the base), or use "
+            "variant='bilinear' or 'kronecker' for a mergeable adapter")
+    multi = [n for n, m in layers.items() if m.num_tasks > 1]
+    if multi:
+        raise ValueError(f"merge_and_unload: TARP layer(s) {', '.join(multi[:3])} hold one delta per task "
+                         f"(num_tasks > 1); a plain model has one weight: merge a single-task adapter")
+    tams = [n for n, _ in model.named_modules() if n.split(".")[-1].startswith(ADAPTER_MODULE_PREFIX)]
+    if tams:
+        raise ValueError(f"merge_and_unload: the model has TAMS modules ({', '.join(tams[:3])}), which a plain "
+                         "model does not have; ship it with tams.save_tams, or tams.remove_tams(model) first")
+    originals = model.__dict__.get(_ORIGINALS, {})
+    missing = [n for n in layers if n not in originals]
+    if missing:
+        raise ValueError(f"merge_and_unload: TARP layer(s) {', '.join(missing[:3])} were not made by patch_model "
+                         "(no original module to put back)")
+    with torch.no_grad():
+        for layer in layers.values():
+            if not layer.merged:
+                layer.merge()  # writes into the base weight, which the original module shares
+            layer._merged_from = None  # keep the merged weight: unpatching must not restore the base
+    unpatch_modules(model, list(layers))
     return model
 
 

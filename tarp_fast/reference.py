@@ -20,6 +20,11 @@ Several tasks are computed task by task on each task's own rows (gathered by ind
 masked by multiplication), so a NaN or inf stays where the math puts it: in its own rows and its
 own task's factor gradients, as in the native and Triton backends (``0 · NaN = NaN`` would let a
 one-hot mask spread one task's NaN to every row).
+
+Inside a ``torch.compile`` trace (``fullgraph=True`` allows no host sync and no data-dependent
+shape) the same math runs without gathering: each task on every row with the other rows zeroed
+and selected away by ``where`` (same values, a NaN still confined to its task), hard-skipped rows
+zeroed and selected away likewise, and the task range checked on the device (``_assert_async``).
 """
 
 from __future__ import annotations
@@ -96,6 +101,21 @@ def _per_task(x, groups, fn):
     return torch.cat(parts).index_select(0, inverse)
 
 
+def _per_task_traced(x, task_index, T, fn):
+    """:func:`_per_task` without data-dependent shapes, for ``torch.compile`` (no host sync).
+
+    Each task runs on every row with the other tasks' rows zeroed (selected with ``where``, never
+    multiplied by a mask), and its results are kept on its own rows only: the same values and
+    the same confinement of a NaN to its task as the gathered version, at ``T`` times the work.
+    """
+    out = None
+    for t in range(T):
+        mine = (task_index == t).unsqueeze(-1)
+        part = fn(t, torch.where(mine, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+        out = part if out is None else torch.where(mine, part, out)
+    return out
+
+
 def _pre(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, scaling, scale_offset, task_index):
     """``pre = W_t x + bias + scaling · U_t (S h)`` for the rows of ``x [M, K]``: ``[M, N]``."""
     if not spec.multi_task:
@@ -105,15 +125,22 @@ def _pre(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, scaling, scale_offset, 
     # the reference always used (so float16/bfloat16 round as before); each per-task term is
     # computed on its own task's rows only
     T = spec.num_tasks
-    groups = _groups(task_index, T)
+    if torch.compiler.is_compiling():  # inside a trace: no host sync, no data-dependent shapes
+        def per_task(fn):
+            return _per_task_traced(x, task_index, T, fn)
+    else:
+        groups = _groups(task_index, T)
+
+        def per_task(fn):
+            return _per_task(x, groups, fn)
     Us, Vs, Gs, Ps, Qs = (t.unbind(0) if t is not None else (None,) * T for t in (U, V, G, P, Q))
     if P is None:
         pre = F.linear(x, weight, bias)  # shared by every task: no grouping needed
     else:
-        pre = _per_task(x, groups, lambda t, xt: _base(xt, weight, None, Ps[t], Qs[t], scale_offset))
+        pre = per_task(lambda t, xt: _base(xt, weight, None, Ps[t], Qs[t], scale_offset))
         pre = pre + bias if bias is not None else pre
     if U is not None:
-        pre = pre + scaling * _per_task(x, groups, lambda t, xt: _delta(xt, Us[t], Vs[t], Gs[t]))
+        pre = pre + scaling * per_task(lambda t, xt: _delta(xt, Us[t], Vs[t], Gs[t]))
     return pre
 
 
@@ -177,7 +204,11 @@ def run_validated(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, *, scaling, sc
     """The body of :func:`tarp_linear` for arguments already checked into ``spec`` (by
     :func:`tarp_fast.ops.tarp_linear`, which validates once for every backend)."""
     if spec.multi_task:
-        check_task_range(task_index, spec.num_tasks)
+        if torch.compiler.is_compiling():  # no host sync inside a trace: checked on the device
+            torch._assert_async((task_index >= 0).all() & (task_index < spec.num_tasks).all(),
+                                f"tarp_linear: argument 'task_index' must hold values in [0, {spec.num_tasks})")
+        else:
+            check_task_range(task_index, spec.num_tasks)
     scaling, scale_offset = float(scaling), float(scale_offset)
     x2 = x.reshape(spec.M, spec.K)
     g = gate_rows(gate, spec.gate_kind, task_index, x.dtype)
@@ -204,6 +235,14 @@ def _hard_skip_rows(spec, x2, g, factors, task_index):
     g_rows = g if isinstance(g, torch.Tensor) and g.dim() == 1 else torch.as_tensor(
         g, dtype=x2.dtype, device=x2.device
     ).expand(M)
+    if torch.compiler.is_compiling():
+        # inside a trace: no data-dependent shapes; dropped rows are zeroed (selected, not
+        # multiplied) before the product and their outputs selected away, so they contribute
+        # exactly 0 and no gradient, as in the compacted version below
+        keep = (g_rows != 0).unsqueeze(-1)
+        zero = torch.zeros((), dtype=x2.dtype, device=x2.device)
+        part = _activated(spec, torch.where(keep, x2, zero), *factors, task_index) * g_rows.unsqueeze(-1)
+        return torch.where(keep, part, zero)
     kept = torch.nonzero(g_rows != 0).squeeze(-1)  # host sync: the reference may sync
     ti = task_index[kept] if task_index is not None else None
     part = _activated(spec, x2[kept], *factors, ti) * g_rows[kept].unsqueeze(-1)

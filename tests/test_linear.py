@@ -92,8 +92,10 @@ def test_from_conv1d_shares_storage_and_keeps_checkpoint_layout():
     conv = Conv1D(7, 5)  # nf=7 out, nx=5 in, weight [5, 7]
     layer = TARPLinear.from_module(conv, rank=2)
     assert layer.in_features == 5 and layer.out_features == 7
-    assert layer.weight.shape == (7, 5)
-    assert layer.weight.data_ptr() == conv.weight.data_ptr()  # no copy
+    # the Conv1D's own contiguous parameter, read through a transposed view at call time (FSDP2)
+    assert layer.weight is conv.weight and layer.weight.is_contiguous()
+    assert layer.linear_weight.shape == (7, 5)
+    assert layer.linear_weight.data_ptr() == conv.weight.data_ptr()  # no copy
     x = torch.randn(3, 4, 5)
     torch.testing.assert_close(layer(x), conv(x), rtol=1e-6, atol=1e-6)
     sd = layer.state_dict()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .._contract import DEFAULT_SCALE_OFFSET
-from .context import current_context
+from .context import routed_context
 
 __all__ = ["TARPLinear", "VARIANTS", "INITS", "TARP_PARAM_PREFIX"]
 
@@ -70,10 +70,14 @@ class TARPLinear(nn.Linear):
         init: ``"zero_delta" | "paper"``.
 
     ``forward(x, *, task_index=None, gate=None, skip_gate=None, residual=None)`` calls
-    :func:`tarp_fast.ops.tarp_linear`; ``backend`` (attribute, default ``"auto"``) picks its
-    backend. ``task_index`` (``[M]``, x's leading shape or ``[batch]``) must hold integers: int64,
-    or another integer dtype (converted to int64); a float or bool ``task_index`` is a
-    ``TypeError``, never rounded to a task.
+    :func:`tarp_fast.ops.tarp_linear` with :attr:`linear_weight` (``weight`` itself, or the
+    transposed view of a ``Conv1D``'s ``[in, out]`` weight, see :meth:`from_module`);
+    ``backend`` (attribute, default ``"auto"``) picks its backend. Every parameter is contiguous
+    in its own storage (FSDP2's ``fully_shard`` needs it). Under activation checkpointing the
+    recomputation uses the routing (``tarp_context``) of the forward it replays. ``task_index``
+    (``[M]``, x's leading shape or ``[batch]``) must hold integers: int64, or another integer
+    dtype (converted to int64); a float or bool ``task_index`` is a ``TypeError``, never rounded
+    to a task.
     """
 
     def __init__(
@@ -175,39 +179,45 @@ class TARPLinear(nn.Linear):
     def from_module(cls, module: nn.Module, **kw) -> TARPLinear:
         """Wrap an ``nn.Linear`` or a transformers ``Conv1D`` without copying its weight.
 
-        The new layer shares the base parameters' storage: ``nn.Linear``'s ``weight``/``bias``
-        are the same ``Parameter`` objects; for ``Conv1D`` (weight ``[in, out]``) ``weight`` is a
-        transposed view of the same storage, and the layer's state dict presents it back in
-        ``Conv1D`` layout so checkpoints keep their keys and shapes.
+        The new layer holds the very same base ``Parameter`` objects (``weight``, ``bias``) as
+        ``module``. For ``Conv1D`` that means ``weight`` keeps ``Conv1D``'s own layout
+        ``[in, out]``, contiguous in its storage, and the forward reads it through the transposed
+        view :attr:`linear_weight` ``[out, in]`` at call time: no parameter is ever a transposed
+        view (FSDP2 shards only contiguous parameters), and the state dict has ``Conv1D``'s keys,
+        shapes and values with no hook. Use :attr:`linear_weight` for the ``nn.Linear``-layout
+        weight of any TARP layer.
         """
         if isinstance(module, nn.Linear):
-            in_f, out_f, weight = module.in_features, module.out_features, module.weight
+            in_f, out_f = module.in_features, module.out_features
         elif _is_conv1d(module):
             in_f, out_f = module.nx, module.nf
-            weight = nn.Parameter(module.weight.detach().t(), requires_grad=module.weight.requires_grad)
         else:
             raise TypeError(
                 f"TARPLinear.from_module: argument 'module' must be an nn.Linear or a transformers Conv1D, "
                 f"got {type(module).__name__}"
             )
-        bias = module.bias
+        weight, bias = module.weight, module.bias
         with torch.device("meta"):
             layer = cls(in_f, out_f, bias is not None, dtype=weight.dtype, **kw)
-        layer.weight = module.weight if isinstance(module, nn.Linear) else weight
+        layer.weight = weight  # the module's own Parameter: [out, in] (Linear) or [in, out] (Conv1D)
         if bias is not None:
             layer.bias = bias
+        layer._conv1d_layout = _is_conv1d(module)
         layer._create_tarp_parameters(weight.device, weight.dtype)
         layer.reset_tarp_parameters()
-        if _is_conv1d(module):
-            layer._conv1d_layout = True
-            layer.register_state_dict_post_hook(_conv1d_state_dict_hook)
-            layer.register_load_state_dict_pre_hook(_conv1d_load_hook)
         return layer
+
+    @property
+    def linear_weight(self) -> torch.Tensor:
+        """The base weight in ``nn.Linear`` layout ``[out, in]``: ``weight`` itself, or, for a layer
+        made from a ``Conv1D`` (whose ``weight`` is stored ``[in, out]``), its transposed view."""
+        w = self.weight
+        return w.t() if self._conv1d_layout else w
 
     # ---- forward ------------------------------------------------------------------------------
     def _effective_weight(self) -> torch.Tensor:
         """Kronecker: ``W ⊙ scale + scaling Σ_i A_i ⊗ B_i`` materialized (``[N, K]``)."""
-        w = self.weight
+        w = self.linear_weight
         if self.scale_weight:
             w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)
         kron = torch.einsum("rab,rcd->acbd", self.tarp_A, self.tarp_B).reshape(self.out_features, self.in_features)
@@ -216,15 +226,25 @@ class TARPLinear(nn.Linear):
     def forward(self, x, *, task_index=None, gate=None, skip_gate=None, residual=None):
         if isinstance(task_index, torch.Tensor):
             _integer_task_index(task_index)  # also when a single-task layer ignores it: never a float
-        ctx = current_context()
+        # The active tarp_context, or, when activation checkpointing recomputes this call during
+        # backward, the one its original forward saw (see tarp_fast.nn.context).
+        ctx = routed_context(self)
         hard_skip = False
+        routed = False
         if ctx is not None:
-            if task_index is None:
-                task_index = ctx.task_index
+            if task_index is None and ctx.task_index is not None:
+                task_index, routed = ctx.task_index, True
             if gate is None and id(self) in ctx.gates:
                 gate, hard_skip = ctx.gates[id(self)], ctx.hard_skip
         if self.num_tasks > 1:
             task_index = self._rows_task_index(x, task_index)
+        elif routed:
+            raise ValueError(
+                "TARPLinear(num_tasks=1).forward: tarp_context(task_index=...) routes a task to each sequence, "
+                "but this layer has one set of factors, so the task ids would be ignored. Patch with "
+                "num_tasks=T (patch_model(model, num_tasks=T, ...)) for one adapter per task, or leave "
+                "task_index out of tarp_context"
+            )
         else:
             task_index = None
         common = dict(
@@ -233,13 +253,39 @@ class TARPLinear(nn.Linear):
             scale_offset=self.scale_offset,
         )
         if self._merged_from is not None:
-            return ops.tarp_linear(x, self.weight, self.bias, **{**common, "task_index": None})
+            return ops.tarp_linear(x, self.linear_weight, self.bias, **{**common, "task_index": None})
         if self.variant == "kronecker":
+            if self.num_tasks > 1:
+                return self._kronecker_per_task(x, task_index, common)
             return ops.tarp_linear(x, self._effective_weight(), self.bias, **common)
         return ops.tarp_linear(
-            x, self.weight, self.bias, self.tarp_U, self.tarp_V, getattr(self, "tarp_G", None),
+            x, self.linear_weight, self.bias, self.tarp_U, self.tarp_V, getattr(self, "tarp_G", None),
             getattr(self, "tarp_P", None), getattr(self, "tarp_Q", None), scaling=self.scaling, **common,
         )
+
+    def _kronecker_per_task(self, x: torch.Tensor, task_index: torch.Tensor, common: dict) -> torch.Tensor:
+        """A Kronecker layer with several tasks: one dense weight per task, each row computed with
+        its task's. The factors may carry a leading task dimension (the stacked per-task copies of
+        batched preparation, ``A [T, r, n1, k1]``, and per-task ``P``/``Q``) or be shared."""
+        T, N, K = self.num_tasks, self.out_features, self.in_features
+        A, B = self.tarp_A, self.tarp_B
+        if A.dim() == 3:
+            A = A.unsqueeze(0).expand(T, *A.shape)
+        if B.dim() == 3:
+            B = B.unsqueeze(0).expand(T, *B.shape)
+        kron = torch.einsum("trab,trcd->tacbd", A, B).reshape(T, N, K)
+        w = self.linear_weight
+        if self.scale_weight:
+            w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)  # [N, K] or [T, N, K]
+        weights = w + self.scaling * kron  # [T, N, K]
+        kw = {**common, "task_index": None}
+        for key in ("gate", "skip_gate"):  # per-task gates [T] become per-row gates [M]
+            g = kw[key]
+            if isinstance(g, torch.Tensor) and g.dim() == 1 and g.shape[0] == T and T != task_index.numel():
+                kw[key] = g.index_select(0, task_index)
+        outs = torch.stack([ops.tarp_linear(x, weights[t], self.bias, **kw) for t in range(T)])  # [T, ..., N]
+        sel = task_index.view(1, *x.shape[:-1], 1).expand(1, *outs.shape[1:])
+        return outs.gather(0, sel).squeeze(0)
 
     def _rows_task_index(self, x: torch.Tensor, task_index) -> torch.Tensor:
         """Expand ``[B]`` (per sequence) or ``x.shape[:-1]`` task ids to ``[M]`` rows."""
@@ -259,6 +305,11 @@ class TARPLinear(nn.Linear):
             return task_index.view(-1, *([1] * (x.dim() - 2))).expand(lead).reshape(-1)
         if task_index.dim() == 1 and task_index.numel() == math.prod(lead):
             return task_index
+        if (x.dim() >= 3 and task_index.dim() == 1 and 0 < task_index.shape[0] < x.shape[0]
+                and x.shape[0] % task_index.shape[0] == 0):
+            # generate(num_beams=k / num_return_sequences=k) repeats each sequence k times in a row
+            per_seq = expand_task_index(task_index, x.shape[0])
+            return per_seq.view(-1, *([1] * (x.dim() - 2))).expand(lead).reshape(-1)
         raise ValueError(
             f"TARPLinear.forward: argument 'task_index' must be [M]={math.prod(lead)}, x's leading shape "
             f"{list(lead)} or [batch]={x.shape[0] if x.dim() >= 2 else '-'}, got {list(task_index.shape)}"
@@ -277,15 +328,15 @@ class TARPLinear(nn.Linear):
             raise RuntimeError(f"TARPLinear.merge: num_tasks={self.num_tasks} has one delta per task; merge needs num_tasks=1")
         if self._merged_from is not None:
             raise RuntimeError("TARPLinear.merge: the layer is already merged; call unmerge() first")
-        original = self.weight.detach().clone()
+        original = self.linear_weight.detach().clone()
         if self.variant == "kronecker":
             merged = self._effective_weight()
         else:
-            w = self.weight
+            w = self.linear_weight
             if self.scale_weight:
                 w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)
             merged = w + self.scaling * (self.tarp_U @ self.tarp_V)
-        self.weight.copy_(merged)
+        self.linear_weight.copy_(merged)
         self._merged_from = original
 
     @torch.no_grad()
@@ -293,7 +344,7 @@ class TARPLinear(nn.Linear):
         """Restore the base weight saved by :meth:`merge`, bitwise."""
         if self._merged_from is None:
             raise RuntimeError("TARPLinear.unmerge: the layer is not merged")
-        self.weight.copy_(self._merged_from)
+        self.linear_weight.copy_(self._merged_from)
         self._merged_from = None
 
     @property
@@ -316,6 +367,23 @@ class TARPLinear(nn.Linear):
         if self._conv1d_layout:
             parts.append("from=Conv1D")
         return ", ".join(parts)
+
+
+def expand_task_index(task_index: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sequence task ids ``[b]`` for a batch of ``batch`` sequences in which each of the ``b``
+    sequences was repeated ``batch // b`` times in a row, as ``generate`` expands its inputs for
+    ``num_beams`` and ``num_return_sequences`` (``repeat_interleave``). ``ValueError`` when
+    ``batch`` is not a multiple of ``b``.
+    """
+    b = int(task_index.shape[0])
+    if b == batch:
+        return task_index
+    if b == 0 or batch % b:
+        raise ValueError(
+            f"TARPLinear.forward: 'task_index' has {b} per-sequence task ids but the batch has {batch} sequences "
+            "(not a multiple: generate repeats each sequence num_beams x num_return_sequences times); pass one "
+            "id per sequence of the batch")
+    return task_index.repeat_interleave(batch // b)
 
 
 def _integer_task_index(task_index: torch.Tensor) -> None:
@@ -346,15 +414,3 @@ def _check_config(rank, variant, scale_rank, scaling, num_tasks, init) -> None:
     if init not in INITS:
         raise ValueError(f"TARPLinear: argument 'init' must be one of {INITS}, got {init!r}")
 
-
-def _conv1d_state_dict_hook(module, state_dict, prefix, local_metadata):
-    """Present ``weight`` in ``Conv1D`` layout ``[in, out]`` (a view: no copy)."""
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = state_dict[key].t()
-
-
-def _conv1d_load_hook(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
-    key = prefix + "weight"
-    if key in state_dict and tuple(state_dict[key].shape) == (module.in_features, module.out_features):
-        state_dict[key] = state_dict[key].t()

@@ -21,14 +21,23 @@ llama      ``self_attn.q/k/v``  ``o_proj`` / self_attn   gate,up / down / ``mlp`
 
 BART's cross-attention is never gated (its keys come from the encoder, and the decoder needs it
 to read the source). Layers are numbered in module order: BART's encoder layers come first.
+
+:func:`find_blocks` also gives each causal block a forward pre-hook and hook (once; they do
+nothing while the block has no ``tams_cell``): during a call that carries a transformers KV
+cache, the block's cell knows that cache and how many past tokens it held for this layer before
+the call, which its convolutions need to continue a sequence across incremental decoding steps
+(see :mod:`tarp_fast.tams.cell`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn as nn
+
+from .cell import CELL_NAME
 
 __all__ = ["SublayerSpec", "BlockSpec", "find_blocks", "FAMILIES", "model_family"]
 
@@ -97,7 +106,67 @@ def find_blocks(model: nn.Module) -> tuple[str, list[BlockSpec]]:
                         raise ValueError(f"add_tams: block {name!r} ({cls}) has no submodule {path!r}; "
                                          f"this {family} layout is not supported") from exc
                 blocks.append(BlockSpec(len(blocks), name, module, attn, ffn, causal))
+                if causal:
+                    _track_cache(module, attn.module)
                 break
     if not blocks:
         raise ValueError(f"add_tams: found no {family} blocks in {type(model).__name__}")
     return family, blocks
+
+
+# ---- the KV cache a block runs with, for its cell ---------------------------------------------
+_HOOKED = "_tarp_fast_cache_hooks"
+_CACHE_TYPES: list = []
+
+
+def _cache_types() -> tuple:
+    if not _CACHE_TYPES:
+        try:
+            from transformers.cache_utils import Cache  # noqa: PLC0415
+        except ImportError:  # no transformers: no KV cache objects to find
+            _CACHE_TYPES.append(())
+        else:
+            _CACHE_TYPES.append((Cache,))
+    return _CACHE_TYPES[0]
+
+
+def _layer_index(block: nn.Module, attention: Optional[str]) -> int:
+    for path in (attention, "self_attn", "attn"):
+        if path:
+            try:
+                idx = getattr(block.get_submodule(path), "layer_idx", None)
+            except AttributeError:
+                continue
+            if isinstance(idx, int):
+                return idx
+    return 0
+
+
+def _before_block(attention: Optional[str], block: nn.Module, args: tuple, kwargs: dict):
+    cell = block._modules.get(CELL_NAME)
+    if cell is None:
+        return None
+    types = _cache_types()
+    cache = None
+    if types:
+        cache = next((v for v in list(args[1:]) + list(kwargs.values()) if isinstance(v, types)), None)
+    # the past length is read now, before the block's attention appends this call's tokens
+    cell.__dict__["_decoding"] = None if cache is None else (cache, int(cache.get_seq_length(
+        _layer_index(block, attention))))
+    return None
+
+
+def _after_block(block: nn.Module, args: tuple, kwargs: dict, output):
+    cell = block._modules.get(CELL_NAME)
+    if cell is not None:
+        cell.__dict__["_decoding"] = None
+    return None
+
+
+def _track_cache(block: nn.Module, attention: Optional[str]) -> None:
+    """Hook ``block`` (once) so that its cell sees the KV cache of each call (see the module doc)."""
+    if block.__dict__.get(_HOOKED):
+        return
+    block.register_forward_pre_hook(functools.partial(_before_block, attention), with_kwargs=True)
+    block.register_forward_hook(_after_block, with_kwargs=True, always_call=True)
+    block.__dict__[_HOOKED] = True

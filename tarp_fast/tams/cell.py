@@ -23,9 +23,19 @@ operation (:data:`OPS`), acting on ``[B, S, C]``:
 
 Convolutions use "same" padding (``k // 2`` zeros on each side) in bidirectional models and
 causal padding (``k - 1`` zeros on the left, none on the right) in autoregressive ones, so that
-position ``s`` only sees positions ``<= s``. They are not cache-aware: incremental decoding
-with a KV cache sees only the new tokens, so generate with ``use_cache=False`` when a conv op
-is selected.
+position ``s`` only sees positions ``<= s``.
+
+**KV-cached generation.** With a cache, each forward sees only the new tokens, so a causal
+convolution needs the inputs of the last ``k - 1`` positions before them. The cell keeps them: a
+rolling window of the last 4 values (the longest kernel minus 1) of every node that feeds a conv
+edge, per sequence, stored on the cache object itself (the block tells the cell which cache and
+layer it runs with; see :mod:`tarp_fast.tams.blocks`). A forward whose cache holds no past tokens
+starts a new window (zeros before position 0, as the padding); a later one must continue the
+window exactly where the cache is (same past length and batch), else it is refused with a
+``RuntimeError`` rather than computed wrongly. The cache's beam-search and batch methods
+(``reorder_cache``, ``batch_select_indices``, ``batch_repeat_interleave``) move the windows with
+the keys and values, and ``copy.deepcopy`` of the cache copies them. So greedy, sampled and beam
+generation give the same tokens with and without the cache.
 
 Architecture weights: for each sequence ``b`` and edge ``k`` the caller gives the index
 ``o_bk`` of the chosen op and the value ``w_bk`` of the (straight-through) one-hot weight at
@@ -191,26 +201,36 @@ class EdgeOps(nn.Module):
         name = OPS[op]
         return (getattr(self, name),) if hasattr(self, name) and name not in ("zero", "skip") else ()
 
-    def _conv(self, conv: nn.Conv1d, x: torch.Tensor, task: Optional[torch.Tensor]) -> torch.Tensor:
+    def _conv(self, conv: nn.Conv1d, x: torch.Tensor, task: Optional[torch.Tensor],
+              past: Optional[torch.Tensor] = None) -> torch.Tensor:
         k = conv.kernel_size[0]
+        if past is not None:
+            # incremental decoding: the inputs of the k-1 positions before x take the padding's place
+            if not self.causal or past.shape[1] < k - 1:
+                raise ValueError(f"EdgeOps: 'past' needs a causal cell and >= {k - 1} positions, got {list(past.shape)}")
+            xt = torch.cat([past[:, past.shape[1] - (k - 1):].to(x.dtype), x], dim=1).transpose(1, 2)
+            return conv_op(xt, conv, task).transpose(1, 2)
         # Why padding by hand: causal needs k-1 zeros on the left only, which Conv1d's
         # symmetric `padding` cannot express.
         left, right = (k - 1, 0) if self.causal else (k // 2, k // 2)
         xt = F.pad(x.transpose(1, 2), (left, right))  # [B, C, S + k - 1]
         return conv_op(xt, conv, task).transpose(1, 2)
 
-    def apply_op(self, op: int, x: torch.Tensor, task: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def apply_op(self, op: int, x: torch.Tensor, task: Optional[torch.Tensor] = None,
+                 past: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``op_{op}(x)`` for ``x [B, S, C]`` (``zero`` returns zeros: only the dense path asks).
 
         ``task [B]``: each sequence's task, read only when the weights are stacked per task.
+        ``past [B, P, C]``: the op's input at the ``P >= k - 1`` positions before ``x`` (KV-cached
+        decoding of a causal cell); read by the conv ops only, which then use it instead of padding.
         """
         name = OPS[op]
         if name == "linear":
             return torch.relu(linear_op(x, self.linear, task))
         if name == "conv3":
-            return self._conv(self.conv3, x, task)
+            return self._conv(self.conv3, x, task, past)
         if name == "conv5":
-            return self._conv(self.conv5, x, task)
+            return self._conv(self.conv5, x, task, past)
         if name == "glu":
             return F.glu(linear_op(x, self.glu, task), dim=-1)
         if name == "zero":
@@ -290,6 +310,8 @@ class SearchedCell(nn.Module):
         used: set = set()
         inputs = {0: x_in, 1: f}
         nodes: dict[int, Optional[torch.Tensor]] = {}
+        window = self._conv_window(plan, B, x_in.shape[1])
+        past = window.past if window is not None else {}
 
         def node(i: int) -> Optional[torch.Tensor]:
             # Lazily: an input node is projected only when a non-zero edge reads it.
@@ -310,7 +332,10 @@ class SearchedCell(nn.Module):
                         continue  # the source node is exactly 0 for every sequence
                     xs = src if rows is None else src.index_select(0, rows)
                     task = seq_task if (rows is None or seq_task is None) else seq_task.index_select(0, rows)
-                    y = self.edges[k].apply_op(op, xs, task)
+                    hist = past.get(source) if op in _CONV_OPS else None
+                    if hist is not None and rows is not None:
+                        hist = hist.index_select(0, rows)
+                    y = self.edges[k].apply_op(op, xs, task, hist)
                     used.update(self.edges[k].modules_of(op))
                     w = edge_weight[:, k] if rows is None else edge_weight.index_select(0, rows)[:, k]
                     y = y * w.to(y.dtype).view(-1, 1, 1)
@@ -318,6 +343,8 @@ class SearchedCell(nn.Module):
                         y = y.new_zeros((B,) + y.shape[1:]).index_add(0, rows, y)
                     acc = y if acc is None else acc + y
             nodes[target] = acc
+        if window is not None:
+            window.advance(nodes)
         mids = [nodes[t] for t in (2, 3, 4) if nodes[t] is not None]
         if mids:
             used.add(self.out_proj)
@@ -326,6 +353,34 @@ class SearchedCell(nn.Module):
             bias = self.out_proj.bias
             out = f + (bias if bias.dim() == 1 else _per_seq(bias, seq_task, "out_proj.bias").unsqueeze(1))
         return _anchor_unused(out, self, used)
+
+    # ---- KV-cached decoding -------------------------------------------------------------------
+    def _conv_window(self, plan: CellPlan, batch: int, seq: int) -> Optional[_ConvWindow]:
+        """The window of past conv inputs for this call, when the block runs with a KV cache and
+        the plan has a conv op; ``None`` otherwise (no cache: the padding is the past)."""
+        decoding = self.__dict__.get("_decoding")
+        if decoding is None or not self.causal:
+            return None
+        sources = sorted({EDGES[k][0] for k, groups in enumerate(plan.groups) for op, _ in groups if op in _CONV_OPS})
+        if not sources:
+            return None
+        cache, past_len = decoding  # the past length as the block saw it before its attention ran
+        store = _window_store(cache)
+        key = id(self)
+        if past_len == 0:  # a new sequence starts: the padding's zeros are its past
+            window = _ConvWindow(sources, batch, 0, {})
+        else:
+            window = store.get(key)
+            if window is None or window.position != past_len or window.batch != batch:
+                seen = "no tokens" if window is None else f"{window.position} tokens of {window.batch} sequences"
+                raise RuntimeError(
+                    f"TAMS: a conv op of the searched cell runs with a KV cache holding {past_len} past tokens of "
+                    f"{batch} sequences, but the cell's window of past inputs on that cache has {seen} (a cache "
+                    "filled or cropped outside this model, or an architecture that changed mid-sequence); "
+                    "start from an empty cache, or generate with use_cache=False")
+            window = _ConvWindow(sources, batch, past_len, window.past)
+        window.store, window.key, window.seq = store, key, seq
+        return window
 
     # ---- dense mixture (reference) -----------------------------------------------------------
     def forward_dense(self, x_in: torch.Tensor, f: torch.Tensor, weights: torch.Tensor,
@@ -351,6 +406,82 @@ class SearchedCell(nn.Module):
                     acc = acc + y * weights[:, k, op].to(f.dtype).view(-1, 1, 1)
             nodes.append(acc)
         return f + linear_op((nodes[2] + nodes[3] + nodes[4]) / 3.0, self.out_proj, seq_task)
+
+
+#: op indices of the convolutions (the ops that read past positions)
+_CONV_OPS = frozenset(i for i, name in enumerate(OPS) if name.startswith("conv"))
+#: positions a window keeps: the longest kernel minus 1
+_HISTORY = 4
+_WINDOWS_ATTR = "_tarp_fast_conv_windows"
+
+
+class _ConvWindow:
+    """The last :data:`_HISTORY` values of the nodes feeding conv edges, ``{node: [B, H, C]}``."""
+
+    def __init__(self, sources, batch: int, position: int, past: dict):
+        self.sources, self.batch, self.position, self.past = list(sources), batch, position, past
+        self.store: Optional[dict] = None
+        self.key = 0
+        self.seq = 0
+
+    def advance(self, nodes: dict) -> None:
+        """Append this call's node values and keep the last positions (detached: inference state)."""
+        new = {}
+        for i in self.sources:
+            value = nodes.get(i)
+            old = self.past.get(i)
+            if value is None:  # the node is exactly 0 for every sequence
+                ref = old if old is not None else next((v for v in nodes.values() if v is not None), None)
+                if ref is None:
+                    continue
+                value = ref.new_zeros(self.batch, self.seq, ref.shape[-1])
+            value = value.detach()
+            if old is None:
+                old = value.new_zeros(self.batch, _HISTORY, value.shape[-1])
+            new[i] = torch.cat([old.to(value.dtype), value], dim=1)[:, -_HISTORY:]
+        self.store[self.key] = _ConvWindow(self.sources, self.batch, self.position + self.seq, new)
+
+
+def _window_store(cache) -> dict:
+    """``{id(cell): _ConvWindow}`` kept on the cache object, whose class is extended once so that its
+    beam-search and batch methods reorder the windows with the cached keys and values."""
+    cls = type(cache)
+    if not getattr(cls, "_tarp_fast_conv_windows_class", False):
+        sub = _WINDOWED_CLASSES.get(cls)
+        if sub is None:
+            sub = type(cls.__name__, (cls,), {
+                "_tarp_fast_conv_windows_class": True, "__module__": cls.__module__,
+                "__doc__": cls.__doc__,
+                "reorder_cache": _rows_method(cls, "reorder_cache", lambda t, idx: t.index_select(0, idx)),
+                "batch_select_indices": _rows_method(cls, "batch_select_indices", lambda t, idx: t[idx]),
+                "batch_repeat_interleave": _rows_method(cls, "batch_repeat_interleave",
+                                                        lambda t, n: t.repeat_interleave(n, dim=0)),
+            })
+            _WINDOWED_CLASSES[cls] = sub
+        cache.__class__ = sub
+    return cache.__dict__.setdefault(_WINDOWS_ATTR, {})
+
+
+_WINDOWED_CLASSES: dict[type, type] = {}
+
+
+def _rows_method(cls: type, name: str, apply):
+    base = getattr(cls, name, None)
+
+    def method(self, arg):
+        out = base(self, arg) if base is not None else None
+        for key, w in list(self.__dict__.get(_WINDOWS_ATTR, {}).items()):
+            past = {}
+            for i, t in w.past.items():
+                a = arg.to(t.device) if isinstance(arg, torch.Tensor) else arg
+                past[i] = apply(t, a)
+            batch = next(iter(past.values())).shape[0] if past else w.batch
+            self.__dict__[_WINDOWS_ATTR][key] = _ConvWindow(w.sources, batch, w.position, past)
+        return out
+
+    method.__name__ = name
+    method.__doc__ = f"{getattr(base, '__doc__', '') or ''} (also moves tarp-fast's TAMS conv windows)"
+    return method
 
 
 def _anchor_unused(out: torch.Tensor, root: nn.Module, used: set) -> torch.Tensor:

@@ -35,6 +35,11 @@ Every parameter stays in the autograd graph whatever is skipped (``0 · p[0]`` a
 Outside :func:`activate` (no architecture), the wrappers call the original forward: the model
 is exactly its base (the cells are not applied).
 
+Activation checkpointing (``torch.utils.checkpoint``, transformers'
+``activation_checkpointing_enable()``): every wrapper reads the active architecture through
+:func:`tarp_fast.nn.context.replay_routing`, so a block recomputed in backward runs with the
+architecture of the forward it replays, also when backward runs after :func:`activate` exited.
+
 One host sync per forward and batch size: the per-sequence decisions (which op, which
 sublayer) are read on the host once, then shared by every layer.
 """
@@ -50,8 +55,8 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..nn.context import current_context, tarp_context
-from ..nn.linear import TARPLinear, _is_conv1d
+from ..nn.context import current_context, replay_routing, tarp_context
+from ..nn.linear import TARPLinear, _is_conv1d, expand_task_index
 from .cell import CellPlan, make_plan
 
 __all__ = ["ActiveArchitecture", "activate", "deactivated", "install", "uninstall", "active"]
@@ -97,12 +102,15 @@ class ActiveArchitecture:
         if info is not None:
             return info
         if self.task_index is not None:
-            if self.task_index.shape[0] != B:
+            n = self.task_index.shape[0]
+            if n != B and not (0 < n < B and B % n == 0):
                 raise RuntimeError(
-                    f"TAMS: the architecture was activated with task_index for {self.task_index.shape[0]} sequences, "
-                    f"but a layer got a batch of {B} (generation with beams or a reshaped batch needs its own task_index)"
+                    f"TAMS: the architecture was activated with task_index for {n} sequences, but a layer got a "
+                    f"batch of {B}, not a multiple of {n} (generate's num_beams/num_return_sequences repeat each "
+                    "sequence in a row; any other reshaped batch needs its own task_index)"
                 )
-            ti = self.task_index.to(device)
+            # generate(num_beams=k) repeats each sequence k times in a row: each copy keeps its task
+            ti = expand_task_index(self.task_index, B).to(device)
         else:
             ti = torch.zeros(B, dtype=torch.int64, device=device)
         ti_host = ti.tolist()  # the one host sync of this batch
@@ -254,7 +262,7 @@ class _LinearForward(_InstalledForward):
     def __call__(self, x, *args, **kwargs):
         record, layer, sub, role, module, orig = (self.record, self.layer, self.sub, self.role, self.module,
                                                   self.call_orig)
-        st = _ACTIVE.get()
+        st = replay_routing(self, _ACTIVE.get())  # a checkpointed recomputation: the original's
         if st is None or st.record is not record or args or kwargs or not isinstance(x, torch.Tensor) or x.dim() < 2:
             return orig(x, *args, **kwargs)
         inner = st.inside.get((layer, sub))
@@ -322,7 +330,7 @@ class _ModuleForward(_InstalledForward):
 
     def __call__(self, *args, **kwargs):
         record, layer, sub, module, orig = self.record, self.layer, self.sub, self.module, self.call_orig
-        st = _ACTIVE.get()
+        st = replay_routing(self, _ACTIVE.get())  # a checkpointed recomputation: the original's
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if st is None or st.record is not record or not isinstance(hs, torch.Tensor) or hs.dim() < 2:
             return orig(*args, **kwargs)
@@ -367,7 +375,9 @@ def _compacted_tarp_context(hs: torch.Tensor, kept: torch.Tensor):
     if not isinstance(ti, torch.Tensor):
         ti = torch.as_tensor(ti)
     ti = ti.to(kept.device)
-    if ti.dim() == 1 and ti.shape[0] != B and ti.numel() % B == 0:
+    if ti.dim() == 1 and 0 < ti.shape[0] < B and B % ti.shape[0] == 0:
+        ti = expand_task_index(ti, B)  # per-sequence ids of a batch generate expanded for beams
+    elif ti.dim() == 1 and ti.shape[0] != B and ti.numel() % B == 0:
         ti = ti.reshape(B, -1)  # flattened rows of [B, S]
     if ti.shape[0] != B:
         raise RuntimeError(f"TAMS: the tarp_context task_index {list(ti.shape)} does not match the batch of {B} sequences")

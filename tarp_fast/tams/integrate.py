@@ -16,9 +16,11 @@ Added modules: ``model.tams_controller`` (:class:`TAMSController`) and one
 ``tams_`` so :func:`tarp_fast.tarp_parameters` and :func:`tarp_fast.save_adapter` include them.
 The TAMS settings go in the adapter config's ``extra["tams"]``.
 
-Not supported: gradient checkpointing of the blocks (the recomputation in backward runs outside
-:func:`use_architecture`) and KV-cached generation with conv ops selected (see
-:mod:`tarp_fast.tams.cell`).
+Activation (gradient) checkpointing of the blocks works: a block recomputed in backward runs with
+the architecture (and the ``tarp_context`` routing) of the forward it replays, also when backward
+runs after the ``with use_architecture(...)`` block (see :mod:`tarp_fast.tams.gates`).
+KV-cached generation works with every op, conv ops included: the cells keep their windows in the
+cache (see :mod:`tarp_fast.tams.cell`), and ``generate(num_beams=k)`` keeps each beam on its task.
 """
 
 from __future__ import annotations
@@ -68,15 +70,6 @@ class TAMSRecord:
 def tams_record(model: nn.Module) -> Optional[TAMSRecord]:
     """The :class:`TAMSRecord` of ``model``, or ``None`` without TAMS."""
     return model.__dict__.get(_RECORD)
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether transformers' gradient (activation) checkpointing is on; the property was renamed
-    ``is_activation_checkpointing`` (the old name warns), so read the new one first."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), name):
-            return bool(getattr(model, name))
-    return False
 
 
 def _check_bool(name: str, v) -> None:
@@ -189,12 +182,6 @@ def use_architecture(model: nn.Module, arch: Architecture, task_index: Optional[
             raise ValueError(f"use_architecture: 'arch.gates' must be [T, {L}, 2] for this model, got {got}")
     elif arch.gates is not None:
         raise ValueError("use_architecture: 'arch' has gates but the model has none (add_tams(gates=False))")
-    if _checkpointing(model) and model.training:
-        raise RuntimeError(
-            "use_architecture: gradient checkpointing is on; its recomputation in backward runs outside "
-            "use_architecture and would see another model. Call model.activation_checkpointing_disable() "
-            "(gradient_checkpointing_disable() in older transformers)"
-        )
     T = arch.num_tasks
     if task_index is None:
         if T != 1:
