@@ -1,17 +1,29 @@
 """The ``tarp-fast`` command (also ``python -m tarp_fast.cli``).
 
 Subcommands (settings from a TOML file with ``[model] [pretrain] [prep] [finetune] [bench]``
-tables, then flags, over the defaults :data:`DEMO_DEFAULTS`):
+tables, then flags, over the defaults :data:`DEMO_DEFAULTS`; ``tarp-fast config`` prints every
+valid key with its default):
 
 * ``prepare``: pretrain (or load) a base, patch TARP (and TAMS with ``--tams``), run the MLtD
   preparation with checkpoints, resume and a JSONL log; ``torchrun --nproc_per_node=N`` splits
-  each meta-batch's tasks over ranks (gloo on CPU, NCCL on GPU).
+  each meta-batch's tasks over ranks (gloo on CPU, NCCL on GPU); ``--fsdp`` also shards the base
+  with FSDP2 for a model that does not fit one device.
 * ``adapt``: fine-tune the adapter of a prepared model on one domain.
-* ``bench-adapt``: the five-arm adaptation benchmark (table, JSON, PNG); the JSON schema is in
-  :mod:`tarp_fast.meta.bench`.
-* ``demo``: the benchmark on text found on this machine, with held-out domains chosen here.
+* ``generate`` / ``eval``: run a prepared or adapted model (its base plus its adapter): text
+  from a prompt, or the loss on a domain's held-out text.
+* ``bench-adapt``: the adaptation benchmark (table, JSON, PNG): MLtD arms against their matched
+  multitask controls and the baselines, under two fine-tuning protocols, with median speed-ups
+  and bootstrap intervals over seeds; the JSON schema is in :mod:`tarp_fast.meta.bench`.
+* ``demo``: the benchmark on text found on this machine (or ``--corpus DIR``), with held-out
+  domains chosen here (or ``--heldout``).
+* ``config``: the reference TOML file (every key, its default and meaning).
 
-Exit status: 0 ok, 2 bad arguments or data, 3 a NaN/inf loss (reported with where it happened).
+Pretrained bases are cached by their settings and data under ``$TARP_FAST_CACHE_DIR`` (default
+``$XDG_CACHE_HOME/tarp-fast``, i.e. ``~/.cache/tarp-fast``), so a new ``--out`` folder does not
+pretrain the same base again.
+
+Exit status: 0 ok, 2 bad arguments or data, 3 a NaN/inf loss (reported with where it happened),
+130 interrupted (Ctrl-C; ``prepare`` says which checkpoint a rerun resumes from).
 """
 
 from __future__ import annotations
@@ -21,24 +33,170 @@ import json
 import os
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-__all__ = ["main", "build_parser", "DEMO_DEFAULTS"]
+__all__ = ["main", "build_parser", "DEMO_DEFAULTS", "config_reference", "default_cache_dir"]
 
 #: Default settings, sized so that the demo's whole comparison takes minutes on 2 CPU cores.
 DEMO_DEFAULTS = {
-    "model": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rank": 4, "variant": "dynamic"},
-    "pretrain": {"steps": 300, "lr": 3e-3, "batch": 16},
+    "model": {"n_embd": 64, "n_layer": 2, "n_head": 4, "rank": 4, "variant": "dynamic", "scale_weight": False},
+    "pretrain": {"steps": 300, "lr": 3e-3, "batch": 16, "seed": 0},
     "prep": {"algorithm": "fomaml", "meta_steps": 80, "tasks_per_batch": 4, "inner_steps": 1, "inner_lr": 3e-3,
-             "inner_optimizer": "adam", "outer_lr": 1e-3, "batch_size": 16, "query_batch_size": 16, "seq_len": 64},
+             "inner_optimizer": "adam", "learn_inner_lr": False, "outer_lr": 1e-3, "batch_size": 16,
+             "query_batch_size": 16, "seq_len": 64, "seed": 0, "checkpoint_every": 10},
     "finetune": {"steps": 100, "batch_size": 16, "seq_len": 64, "eval_windows": 32},
-    "bench": {"full_lr": 1e-3, "adapter_lr": 3e-3, "seeds": [0, 1], "finetune_scope": "all"},
+    "bench": {"full_lr": 1e-3, "adapter_lr": 3e-3, "seeds": [0, 1],
+              "protocols": ["adapter", "all"], "vary_base": True},
+    "ablate": {"seeds": [0, 1, 2, 3, 4], "rows": ["bilinear", "bilinear+hadamard", "kronecker", "kronecker+hadamard",
+                                                  "dynamic", "dynamic+hadamard", "full_finetune", "peft_lora"],
+               "budget": None},
 }
 #: The demo's held-out domains, by preference (the first two present on the machine are used).
 DEMO_HELDOUT = ("licenses", "perl", "info", "config", "changelogs", "manpages")
+_SECTIONS = ("model", "pretrain", "prep", "finetune", "bench", "ablate")
+_ALL_ARMS = "direct,tarp,multitask,mltd_tarp,multitask_tarp,mltd_tarp_tams,multitask_tarp_tams"
+_VARIANTS = ("dynamic", "bilinear", "kronecker")
+
+#: What each key of the TOML file means (``tarp-fast config`` prints them; keys of [prep] and
+#: [finetune] not listed here are documented in PrepConfig / FinetuneRecipe).
+_KEY_DOCS = {
+    ("model", "n_embd"): "width of the small GPT-2 pretrained when --model is not given",
+    ("model", "n_layer"): "its layers",
+    ("model", "n_head"): "its attention heads (must divide n_embd)",
+    ("model", "rank"): "TARP rank r of every patched layer",
+    ("model", "variant"): "TARP variant: dynamic, bilinear or kronecker (bilinear and kronecker can be merged)",
+    ("model", "scale_weight"): "TARP layers with the Hadamard term W * softplus(P Q + c) (TARPLinear scale_weight)",
+    ("pretrain", "steps"): "pretraining steps of the small GPT-2",
+    ("pretrain", "lr"): "its learning rate (AdamW, warm-up then cosine decay)",
+    ("pretrain", "batch"): "its batch size (windows of [prep] seq_len tokens)",
+    ("pretrain", "seed"): "its seed (also seeds the fresh TARP factors)",
+    ("prep", "algorithm"): "fomaml (first-order MAML), maml (second order) or reptile",
+    ("prep", "meta_steps"): "meta-steps of the preparation",
+    ("prep", "tasks_per_batch"): "tasks (domains) per meta-batch",
+    ("prep", "inner_steps"): "inner-loop steps per task",
+    ("prep", "inner_lr"): "inner-loop learning rate",
+    ("prep", "inner_optimizer"): "inner-loop optimizer: sgd or adam",
+    ("prep", "learn_inner_lr"): "learn one inner learning rate per fast tensor",
+    ("prep", "outer_lr"): "outer (meta) learning rate",
+    ("prep", "batch_size"): "support windows per task and inner step",
+    ("prep", "query_batch_size"): "query windows per task",
+    ("prep", "seq_len"): "tokens per window (set together with [finetune] seq_len)",
+    ("prep", "seed"): "seed of the task sampler and of the preparation",
+    ("prep", "checkpoint_every"): "checkpoint every N meta-steps (0: at the end only); prepare resumes from them",
+    ("prep", "grad_clip"): "gradient-norm clip of the outer step",
+    ("finetune", "steps"): "fine-tuning steps (adapt and every benchmark arm)",
+    ("finetune", "lr"): "learning rate when no arm-specific one applies",
+    ("finetune", "batch_size"): "windows per fine-tuning step",
+    ("finetune", "seq_len"): "tokens per window",
+    ("finetune", "eval_windows"): "held-out windows the loss is measured on",
+    ("finetune", "eval_fraction"): "fraction of each domain's text held out for evaluation",
+    ("finetune", "weight_decay"): "AdamW weight decay",
+    ("finetune", "grad_clip"): "gradient-norm clip",
+    ("bench", "full_lr"): "learning rate of the full-weight arms (direct, multitask)",
+    ("bench", "adapter_lr"): "learning rate of the adapter arms (also adapt's default --lr)",
+    ("bench", "multitask_lr"): "learning rate of the multitask control's training (default: [prep] outer_lr)",
+    ("bench", "seeds"): "seeds (each varies the base's pretraining, the adapter init and the data order); curves are "
+                        "averaged over them, speed-ups are medians with paired bootstrap 95 percent intervals",
+    ("bench", "arms"): f"arms to run (default: all seven: {_ALL_ARMS}; multitask_tarp* are the MLtD arms' matched "
+                       "controls; tarp_tams is opt-in)",
+    ("bench", "tams_cell_width"): "width C of the TAMS searched cells",
+    ("bench", "finetune_scope"): "the protocol of the main table and the JSON's legacy keys: all or adapter",
+    ("bench", "protocols"): "fine-tuning protocols run and reported separately: adapter (only the adapter arms' "
+                            "adapters train: the paper's meta-test) and/or all (every weight)",
+    ("ablate", "seeds"): "seeds of `tarp-fast ablate` (each varies the base, the adapter init and the data order)",
+    ("ablate", "rows"): "ablation rows: TARP variants with and without the Hadamard term, full_finetune, peft_lora",
+    ("ablate", "budget"): "trainable adapter parameters every adapter row is matched to",
+    ("bench", "vary_base"): "every seed pretrains its own base (seed [pretrain] seed + s); false: one base",
+}
 
 
-# ---- configuration ---------------------------------------------------------------------------
+# ---- settings: flags <-> TOML keys -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Flag:
+    flag: str
+    section: str
+    key: str
+    type: Any = int
+    choices: Optional[tuple] = None
+    metavar: Optional[str] = None
+
+
+_MODEL_FLAGS = (_Flag("--n-embd", "model", "n_embd"), _Flag("--n-layer", "model", "n_layer"),
+                _Flag("--n-head", "model", "n_head"), _Flag("--rank", "model", "rank"),
+                _Flag("--variant", "model", "variant", str, _VARIANTS), _Flag("--pretrain-steps", "pretrain", "steps"))
+_PREP_FLAGS = (_Flag("--algorithm", "prep", "algorithm", str, ("fomaml", "maml", "reptile")),
+               _Flag("--meta-steps", "prep", "meta_steps"), _Flag("--tasks-per-batch", "prep", "tasks_per_batch"),
+               _Flag("--inner-steps", "prep", "inner_steps"), _Flag("--inner-lr", "prep", "inner_lr", float),
+               _Flag("--inner-optimizer", "prep", "inner_optimizer", str, ("sgd", "adam")),
+               _Flag("--outer-lr", "prep", "outer_lr", float), _Flag("--learn-inner-lr", "prep", "learn_inner_lr", bool),
+               _Flag("--prep-seed", "prep", "seed"))
+_CHECKPOINT_FLAGS = (_Flag("--checkpoint-every", "prep", "checkpoint_every"),)
+_FT_FLAGS = (_Flag("--steps", "finetune", "steps"), _Flag("--seq-len", "finetune", "seq_len"),
+             _Flag("--batch-size", "finetune", "batch_size"))
+_BENCH_FLAGS = (_Flag("--full-lr", "bench", "full_lr", float), _Flag("--adapter-lr", "bench", "adapter_lr", float),
+                _Flag("--seeds", "bench", "seeds", "list_int", metavar="S,S"),
+                _Flag("--arms", "bench", "arms", "list_str", metavar="ARM,ARM"),
+                _Flag("--protocols", "bench", "protocols", "list_str", metavar="P,P"))
+_ABLATE_FLAGS = (_Flag("--full-lr", "bench", "full_lr", float), _Flag("--adapter-lr", "bench", "adapter_lr", float),
+                 _Flag("--seeds", "ablate", "seeds", "list_int", metavar="S,S"),
+                 _Flag("--rows", "ablate", "rows", "list_str", metavar="ROW,ROW"),
+                 _Flag("--budget", "ablate", "budget", int, metavar="N"))
+
+
+def _default_text(section: str, key: str) -> str:
+    if (section, key) == ("bench", "arms"):
+        return _ALL_ARMS
+    if (section, key) == ("ablate", "budget"):
+        return "the bilinear row's at [model] rank"
+    v = DEMO_DEFAULTS.get(section, {}).get(key)
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _add_setting_flags(p: argparse.ArgumentParser, flags, title: str, *, default_from: Optional[str] = None) -> None:
+    g = p.add_argument_group(title)
+    for f in flags:
+        doc = _KEY_DOCS.get((f.section, f.key), f.key)
+        where = f"[{f.section}] {f.key}"
+        default = f"{default_from} {where}" if default_from else f"{_default_text(f.section, f.key)}; {where}"
+        help_ = f"{doc} (default: {default})"
+        dest = f.flag[2:].replace("-", "_")
+        if f.type is bool:
+            g.add_argument(f.flag, dest=dest, action="store_const", const=True, default=None, help=help_)
+        elif f.type in ("list_int", "list_str"):
+            g.add_argument(f.flag, dest=dest, default=None, metavar=f.metavar, help=help_)
+        else:
+            g.add_argument(f.flag, dest=dest, type=f.type, choices=f.choices, default=None,
+                           metavar=None if f.choices else f.key.upper(), help=help_)
+
+
+def _flag_overrides(args: argparse.Namespace, flags) -> dict:
+    """The flags that were given, as a config tree (flags beat the TOML file)."""
+    out: dict = {}
+    for f in flags:
+        v = getattr(args, f.flag[2:].replace("-", "_"), None)
+        if v is None:
+            continue
+        if f.type == "list_int":
+            try:
+                v = [int(s) for s in str(v).split(",") if s.strip()]
+            except ValueError as exc:
+                raise ValueError(f"{f.flag} must be comma-separated integers, got {v!r}") from exc
+        elif f.type == "list_str":
+            v = [a.strip() for a in str(v).split(",") if a.strip()]
+        out.setdefault(f.section, {})[f.key] = v
+    if out.get("finetune", {}).get("seq_len") is not None:
+        out.setdefault("prep", {})["seq_len"] = out["finetune"]["seq_len"]
+    if out.get("finetune", {}).get("batch_size") is not None:
+        out.setdefault("prep", {}).setdefault("batch_size", out["finetune"]["batch_size"])
+        out["prep"].setdefault("query_batch_size", out["finetune"]["batch_size"])
+    return out
+
 
 def _read_toml(path: Optional[str]) -> dict:
     if not path:
@@ -47,8 +205,11 @@ def _read_toml(path: Optional[str]) -> dict:
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--config {path!r} does not exist")
-    with open(path, "rb") as fh:
-        return tomllib.load(fh)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"--config {path}: not valid TOML: {exc}") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -61,79 +222,165 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-_FLAGS = {
-    "meta_steps": ("prep", "meta_steps"), "tasks_per_batch": ("prep", "tasks_per_batch"),
-    "inner_steps": ("prep", "inner_steps"), "inner_lr": ("prep", "inner_lr"),
-    "inner_optimizer": ("prep", "inner_optimizer"), "outer_lr": ("prep", "outer_lr"),
-    "algorithm": ("prep", "algorithm"), "checkpoint_every": ("prep", "checkpoint_every"),
-    "learn_inner_lr": ("prep", "learn_inner_lr"), "prep_seed": ("prep", "seed"),
-    "steps": ("finetune", "steps"), "seq_len": ("finetune", "seq_len"), "batch_size": ("finetune", "batch_size"),
-    "pretrain_steps": ("pretrain", "steps"), "rank": ("model", "rank"), "n_embd": ("model", "n_embd"),
-    "n_layer": ("model", "n_layer"), "n_head": ("model", "n_head"),
-    "full_lr": ("bench", "full_lr"), "adapter_lr": ("bench", "adapter_lr"),
-}
+def _known_keys() -> dict[str, list[str]]:
+    """Every valid key of each TOML section."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from .meta.finetune import FinetuneRecipe  # noqa: PLC0415
+    from .meta.prepare import PrepConfig  # noqa: PLC0415
+
+    return {"model": ["n_embd", "n_layer", "n_head", "rank", "variant", "scale_weight"],
+            "pretrain": ["steps", "lr", "batch", "seed"],
+            "prep": [f.name for f in fields(PrepConfig) if f.name not in ("extra", "batched")],
+            "finetune": [f.name for f in fields(FinetuneRecipe)],
+            "bench": ["full_lr", "adapter_lr", "multitask_lr", "seeds", "arms", "tams_cell_width", "finetune_scope",
+                      "protocols", "vary_base"],
+            "ablate": ["seeds", "rows", "budget"]}
 
 
-def _flag_overrides(args: argparse.Namespace) -> dict:
-    """The flags that were given, as a config tree (flags beat the TOML file)."""
-    out: dict = {}
-    for attr, (section, key) in _FLAGS.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            out.setdefault(section, {})[key] = v
-    if getattr(args, "seeds", None):
-        try:
-            out.setdefault("bench", {})["seeds"] = [int(s) for s in str(args.seeds).split(",") if s.strip()]
-        except ValueError as exc:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from exc
-    if getattr(args, "arms", None):
-        out.setdefault("bench", {})["arms"] = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if out.get("finetune", {}).get("seq_len") is not None:
-        out.setdefault("prep", {})["seq_len"] = out["finetune"]["seq_len"]
-    if out.get("finetune", {}).get("batch_size") is not None:
-        out.setdefault("prep", {}).setdefault("batch_size", out["finetune"]["batch_size"])
-        out["prep"].setdefault("query_batch_size", out["finetune"]["batch_size"])
-    return out
+def _check_sections(tree: dict, allowed: dict[str, list[str]], where: str) -> None:
+    for section, value in tree.items():
+        if section not in allowed:
+            raise ValueError(f"{where}: unknown config section [{section}]; known: {', '.join(allowed)}")
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: config section [{section}] must be a table")
+        bad = sorted(set(value) - set(allowed[section]))
+        if bad:
+            raise ValueError(f"{where}: unknown keys {bad} in [{section}]; valid keys: {', '.join(allowed[section])} "
+                             "(`tarp-fast config` prints them all with their defaults)")
 
 
-def _bench_config(tree: dict):
-    """A :class:`~tarp_fast.meta.bench.BenchConfig` from a config tree (unknown keys are errors)."""
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _bench_config(tree: dict, where: str = "settings"):
+    """A :class:`~tarp_fast.meta.bench.BenchConfig` from a config tree; every key and value is
+    checked here, before anything runs (errors name the TOML key)."""
     from .meta.bench import ARMS, BenchConfig  # noqa: PLC0415
     from .meta.finetune import FinetuneRecipe  # noqa: PLC0415
     from .meta.prepare import PrepConfig  # noqa: PLC0415
 
-    known = {"model": {"n_embd", "n_layer", "n_head", "rank", "variant"}, "pretrain": {"steps", "lr", "batch", "seed"},
-             "bench": {"full_lr", "adapter_lr", "multitask_lr", "seeds", "arms", "tams_cell_width", "finetune_scope"}}
-    for section, value in tree.items():
-        if section not in ("model", "pretrain", "prep", "finetune", "bench"):
-            raise ValueError(f"unknown config section [{section}]; known: model, pretrain, prep, finetune, bench")
-        if not isinstance(value, dict):
-            raise ValueError(f"config section [{section}] must be a table")
-        if section in known and set(value) - known[section]:
-            raise ValueError(f"unknown keys {sorted(set(value) - known[section])} in [{section}]; "
-                             f"known: {sorted(known[section])}")
+    _check_sections(tree, _known_keys(), where)
     model, pre, bench = tree.get("model", {}), tree.get("pretrain", {}), tree.get("bench", {})
+    for key in ("n_embd", "n_layer", "n_head", "rank"):
+        if key in model and not _positive_int(model[key]):
+            raise ValueError(f"[model] {key} must be a positive integer, got {model[key]!r}")
+    variant = model.get("variant", "dynamic")
+    if variant not in _VARIANTS:
+        raise ValueError(f"[model] variant must be one of {', '.join(_VARIANTS)}, got {variant!r} "
+                         "(TARP variants; LoRA-style adapters are variant 'bilinear')")
+    for section, key, value in (("model", "scale_weight", model.get("scale_weight", False)),
+                                ("bench", "vary_base", bench.get("vary_base", True))):
+        if not isinstance(value, bool):
+            raise ValueError(f"[{section}] {key} must be true or false, got {value!r}")
+    protocols = bench.get("protocols", ["adapter", "all"])
+    if not isinstance(protocols, (list, tuple)) or not protocols or any(p not in ("adapter", "all") for p in protocols):
+        raise ValueError(f"[bench] protocols must be a non-empty list of 'adapter' and/or 'all', got {protocols!r}")
+    n_embd, n_head = model.get("n_embd", 96), model.get("n_head", 4)
+    if n_embd % n_head:
+        raise ValueError(f"[model] n_embd ({n_embd}) must be divisible by [model] n_head ({n_head})")
     prep, ft = dict(tree.get("prep", {})), dict(tree.get("finetune", {}))
     prep.setdefault("seq_len", ft.get("seq_len", 96))
     ft.setdefault("seq_len", prep["seq_len"])
+    for section, cls, values in (("prep", PrepConfig, prep), ("finetune", FinetuneRecipe, ft)):
+        try:
+            cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"[{section}]: {exc}") from None
     try:
-        prep_cfg, ft_cfg = PrepConfig(**prep), FinetuneRecipe(**ft)
-    except TypeError as exc:
-        raise ValueError(f"bad key in [prep] or [finetune] ({exc})") from exc
-    return BenchConfig(
-        n_embd=model.get("n_embd", 96), n_layer=model.get("n_layer", 3), n_head=model.get("n_head", 4),
-        rank=model.get("rank", 4), variant=model.get("variant", "dynamic"),
-        pretrain_steps=pre.get("steps", 300), pretrain_lr=pre.get("lr", 3e-3), pretrain_batch=pre.get("batch", 16),
-        base_seed=pre.get("seed", 0), prep=prep_cfg, finetune=ft_cfg,
-        full_lr=bench.get("full_lr", 1e-3), adapter_lr=bench.get("adapter_lr", 3e-3),
-        multitask_lr=bench.get("multitask_lr"), seeds=tuple(bench.get("seeds", (0,))),
-        arms=tuple(bench.get("arms", ARMS)), tams_cell_width=bench.get("tams_cell_width", 32),
-        finetune_scope=bench.get("finetune_scope", "all"),
-    )
+        cfg = BenchConfig(
+            n_embd=n_embd, n_layer=model.get("n_layer", 3), n_head=n_head,
+            rank=model.get("rank", 4), variant=variant,
+            pretrain_steps=pre.get("steps", 300), pretrain_lr=pre.get("lr", 3e-3), pretrain_batch=pre.get("batch", 16),
+            base_seed=pre.get("seed", 0), prep=PrepConfig(**prep), finetune=FinetuneRecipe(**ft),
+            full_lr=bench.get("full_lr", 1e-3), adapter_lr=bench.get("adapter_lr", 3e-3),
+            multitask_lr=bench.get("multitask_lr"), seeds=tuple(bench.get("seeds", (0,))),
+            arms=tuple(bench.get("arms", ARMS)), tams_cell_width=bench.get("tams_cell_width", 32),
+            finetune_scope=bench.get("finetune_scope", "all" if "all" in protocols else protocols[0]),
+            protocols=tuple(protocols),
+            vary_base=bench.get("vary_base", True), scale_weight=model.get("scale_weight", False),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[bench] or [pretrain]: {exc}") from None
+    # the TARP layer settings, on the meta device (no memory): a bad rank fails now, not after pretraining
+    import torch  # noqa: PLC0415
+
+    from .nn.linear import TARPLinear  # noqa: PLC0415
+
+    try:
+        with torch.device("meta"):
+            TARPLinear(cfg.n_embd, cfg.n_embd, rank=cfg.rank, variant=cfg.variant, scale_weight=cfg.scale_weight)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[model] rank={cfg.rank} variant={cfg.variant!r}: {exc}") from None
+    return cfg
 
 
-def _settings(args: argparse.Namespace):
-    return _bench_config(_merge(_merge(DEMO_DEFAULTS, _read_toml(args.config)), _flag_overrides(args)))
+def _settings(args: argparse.Namespace, flags, override: Optional[dict] = None):
+    tree = _read_toml(args.config)
+    where = f"--config {args.config}" if args.config else "settings"
+    _check_sections(tree, _known_keys(), where)
+    ft_len = tree.get("finetune", {}).get("seq_len")
+    if ft_len is not None and "seq_len" not in tree.get("prep", {}):
+        tree.setdefault("prep", {})["seq_len"] = ft_len  # one window length for both stages
+    return _bench_config(_merge(_merge(_merge(DEMO_DEFAULTS, tree), _flag_overrides(args, flags)), override or {}),
+                         where)
+
+
+def config_reference() -> str:
+    """The reference TOML file: every section and key with its default and meaning."""
+    from dataclasses import MISSING, fields  # noqa: PLC0415
+
+    from .meta.finetune import FinetuneRecipe  # noqa: PLC0415
+    from .meta.prepare import PrepConfig  # noqa: PLC0415
+
+    dataclass_defaults = {"prep": {f.name: f.default for f in fields(PrepConfig) if f.default is not MISSING},
+                          "finetune": {f.name: f.default for f in fields(FinetuneRecipe) if f.default is not MISSING}}
+    extra = {"bench": {"multitask_lr": None, "arms": _ALL_ARMS.split(","), "tams_cell_width": 32,
+                       "finetune_scope": "all"}}
+    titles = {"model": "the small GPT-2 pretrained when --model is not given, and the TARP layers",
+              "pretrain": "its pretraining (cached by these settings and the data)",
+              "prep": "the MLtD preparation (meta-training), `tarp-fast prepare`",
+              "finetune": "fine-tuning: `tarp-fast adapt` and every benchmark arm",
+              "bench": "the benchmark, `tarp-fast bench-adapt` and `demo`",
+              "ablate": "the adapter ablation, `tarp-fast ablate` (with [model] [pretrain] [prep] [finetune])"}
+    lines = ["# tarp-fast settings: `--config FILE.toml`; a flag given on the command line wins over the file.",
+             "# The values below are the defaults."]
+    known = _known_keys()
+    for section in _SECTIONS:
+        lines += ["", f"[{section}]  # {titles[section]}"]
+        for key in known[section]:
+            if key in DEMO_DEFAULTS.get(section, {}):
+                v = DEMO_DEFAULTS[section][key]
+            elif key in extra.get(section, {}):
+                v = extra[section][key]
+            else:
+                v = dataclass_defaults.get(section, {}).get(key)
+            doc = _KEY_DOCS.get((section, key), "")
+            if v is None:
+                lines.append(f"# {key} =  # {doc}")
+                continue
+            if isinstance(v, tuple):
+                v = list(v)
+            lines.append(f"{key} = {json.dumps(v)}{'  # ' + doc if doc else ''}")
+    return "\n".join(lines) + "\n"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+def default_cache_dir() -> str:
+    """``$TARP_FAST_CACHE_DIR``, else ``$XDG_CACHE_HOME/tarp-fast``, else ``~/.cache/tarp-fast``."""
+    env = os.environ.get("TARP_FAST_CACHE_DIR")
+    if env:
+        return os.path.abspath(os.path.expanduser(env))
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(xdg, "tarp-fast")
+
+
+def _bases_dir(args: argparse.Namespace) -> Optional[str]:
+    if getattr(args, "no_cache", False):
+        return None
+    return os.path.join(args.cache_dir or default_cache_dir(), "bases")
 
 
 class _JsonlLog:
@@ -151,12 +398,31 @@ class _JsonlLog:
                 fh.write(json.dumps({"time": time.time(), **rec}) + "\n")
 
 
-def _load_corpus(spec: str, tokenizer: Optional[str]):
-    from .data import load_corpus, load_tokenizer  # noqa: PLC0415
+def _tokenizer(spec: Optional[str]):
+    from .data import load_tokenizer  # noqa: PLC0415
 
-    if spec.startswith("generated"):
-        return load_corpus(spec)
-    return load_corpus(spec, tokenizer=load_tokenizer(tokenizer or "bytes"))
+    if spec not in (None, "", "bytes", "byte") and not os.path.isdir(spec):
+        raise FileNotFoundError(f"--tokenizer {spec!r} does not exist: give 'bytes' or a local transformers "
+                                "tokenizer folder")
+    return load_tokenizer(spec or "bytes")
+
+
+def _load_corpus(spec: str, tokenizer: Optional[str]):
+    from .data import load_corpus  # noqa: PLC0415
+
+    what = ("give a folder with one subfolder of text files per domain, a .jsonl file of "
+            "{\"domain\", \"text\"} records, a corpus manifest .json, 'machine' or 'generated[:N]'")
+    special = spec == "machine" or spec == "generated" or spec.startswith("generated:")
+    if not special and not os.path.exists(spec):
+        raise FileNotFoundError(f"--corpus {spec!r} does not exist; {what}")
+    if not special and os.path.isfile(spec) and not spec.endswith((".jsonl", ".json")):
+        raise ValueError(f"--corpus {spec!r} is a file but neither .jsonl nor .json; {what}")
+    try:
+        if spec.startswith("generated"):
+            return load_corpus(spec)
+        return load_corpus(spec, tokenizer=_tokenizer(tokenizer))
+    except (ValueError, FileNotFoundError) as exc:
+        raise type(exc)(f"--corpus {spec!r}: {exc}") from None
 
 
 def _split_names(text: Optional[str], flag: str) -> list[str]:
@@ -166,6 +432,35 @@ def _split_names(text: Optional[str], flag: str) -> list[str]:
     return names
 
 
+def _progress(args: argparse.Namespace, plan=None, *, enabled: bool = True):
+    from .meta.finetune import RunProgress  # noqa: PLC0415
+
+    mode = "off" if not enabled else ("quiet" if args.no_progress else "auto")
+    return RunProgress(plan, mode=mode)
+
+
+def _load_base(path: str):
+    """:func:`~tarp_fast.meta.models.load_base_model` without transformers' loading bar (a
+    carriage-return bar in redirected logs; our own progress reports the phases)."""
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415
+
+    from .meta.models import load_base_model  # noqa: PLC0415
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load_base_model(path)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _set_threads(args: argparse.Namespace) -> None:
+    import torch  # noqa: PLC0415  (keep `tarp-fast --help` fast)
+
+    torch.set_num_threads(max(1, args.threads))
+
+
 # ---- subcommands -----------------------------------------------------------------------------
 
 def _report(result: dict, json_path: Optional[str], png_path: Optional[str]) -> None:
@@ -173,65 +468,134 @@ def _report(result: dict, json_path: Optional[str], png_path: Optional[str]) -> 
 
     print(format_table(result))
     for name, row in result.get("goal", {}).items():
+        methods = result["domains"][name]["methods"]
         for arm in ("mltd_tarp", "mltd_tarp_tams"):
             if arm in row:
                 r = row[arm]
+                if "multitask" in methods:
+                    vs = f"{'beats' if r['beats_multitask'] else 'does NOT beat'} the multitask control"
+                else:
+                    vs = "multitask control not run (add it to --arms to compare)"
                 print(f"goal [{name}] {arm}: {r['steps_to_target']} steps to the target vs direct "
                       f"{row['direct_steps_to_target']} (budget {row['budget_steps']}): "
-                      f"{'within' if r['within_third_of_direct'] else 'NOT within'} 1/3 of direct; "
-                      f"{'beats' if r['beats_multitask'] else 'does NOT beat'} the multitask control")
+                      f"{'within' if r['within_third_of_direct'] else 'NOT within'} 1/3 of direct; {vs}")
+    for c in result.get("comparisons", []):
+        if not c.get("matched"):
+            continue
+        lo, hi = c["speedup_ci95"]
+        cens = ""
+        if c["censored_arm"] or c["censored_control"]:
+            cens = (f"; never reached the target within {c['budget_steps']} steps (counted as budget + 1): "
+                    f"arm {c['censored_arm']}, control {c['censored_control']} of {c['seeds_n']} seeds")
+        print(f"headline [{c['domain']}, fine-tuning {c['protocol']}] {c['arm']} vs matched control {c['control']}: "
+              f"speed-up {c['speedup_median']:.2f}x (median of {c['seeds_n']} seeds, 95% interval "
+              f"[{lo:.2f}, {hi:.2f}]); final loss {c['final_loss_arm']:.4f} vs {c['final_loss_control']:.4f}{cens}")
+    opt = result.get("optimizers")
+    if opt:
+        print(f"optimizers: inner loop {opt['inner_loop']}; meta-test {opt['meta_test']}")
     if json_path:
         write_json(result, json_path)
         print(f"JSON: {json_path}")
     if png_path:
         plot_curves(result, png_path)
-        print(f"plot: {png_path}")
+        print(f"plot: {png_path} (curves: mean over the seeds, band: their spread; dotted: steps to the target)")
+
+
+_BENCH_SETTINGS = _MODEL_FLAGS + _PREP_FLAGS + _FT_FLAGS + _BENCH_FLAGS
 
 
 def _bench_adapt(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415  (keep `tarp-fast --help` fast)
-
-    from .meta.bench import run_benchmark  # noqa: PLC0415
-
-    torch.set_num_threads(max(1, args.threads))
-    cfg = _settings(args)
+    _set_threads(args)
+    cfg = _settings(args, _BENCH_SETTINGS)
     corpus = _load_corpus(args.corpus, args.tokenizer)
     heldout = _split_names(args.heldout, "--heldout")
+    missing = [h for h in heldout if h not in corpus]
+    if missing:
+        raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
     base = None
     if args.model:
-        from .meta.models import load_base_model  # noqa: PLC0415
+        base = _load_base(args.model)
+    from .meta.bench import run_benchmark  # noqa: PLC0415
 
-        base = load_base_model(args.model)
-    result = run_benchmark(corpus, heldout, cfg, cache_dir=args.cache_dir, progress=not args.no_progress,
+    result = run_benchmark(corpus, heldout, cfg, cache_dir=_bases_dir(args), progress=_progress(args),
                            log=_JsonlLog(args.log), work_dir=args.work_dir, base_model=base)
     _report(result, args.json, args.png)
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
+_ABLATE_SETTINGS = _MODEL_FLAGS + _PREP_FLAGS + _FT_FLAGS + _ABLATE_FLAGS
 
+
+def _ablate(args: argparse.Namespace) -> int:
+    _set_threads(args)
+    from .meta.ablate import ROWS, format_ablation, plot_ablation, run_ablation  # noqa: PLC0415
+    from .meta.bench import write_json  # noqa: PLC0415
+
+    tree = _read_toml(args.config)
+    ab = _merge(_merge(DEMO_DEFAULTS, tree), _flag_overrides(args, _ABLATE_SETTINGS)).get("ablate", {})
+    seeds, rows, budget = ab.get("seeds"), ab.get("rows"), ab.get("budget")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+        raise ValueError(f"[ablate] seeds must be a non-empty list of integers, got {seeds!r}")
+    known = [r[0] for r in ROWS]
+    if not isinstance(rows, list) or not rows or any(r not in known for r in rows):
+        raise ValueError(f"[ablate] rows must be a non-empty list of {', '.join(known)}, got {rows!r}")
+    if budget is not None and not _positive_int(budget):
+        raise ValueError(f"[ablate] budget must be a positive integer, got {budget!r}")
+    cfg = _settings(args, _ABLATE_SETTINGS, {"bench": {"seeds": seeds}})
+    corpus = _load_corpus(args.corpus, args.tokenizer)
+    heldout = _split_names(args.heldout, "--heldout")
+    missing = [h for h in heldout if h not in corpus]
+    if missing:
+        raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
+    result = run_ablation(corpus, heldout, cfg, rows=rows, budget=budget, cache_dir=_bases_dir(args),
+                          progress=_progress(args), log=_JsonlLog(args.log))
+    print("ranks matched to the parameter budget: " + ", ".join(
+        f"{k} r={v['rank']} ({v['parameters']:,} parameters)" for k, v in result["ranks"].items()
+        if v.get("rank") is not None and v.get("parameters") is not None))
+    print(format_ablation(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"JSON: {args.json}")
+    if args.png:
+        plot_ablation(result, args.png)
+        print(f"plot: {args.png}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from .data import machine_corpus  # noqa: PLC0415
     from .meta.bench import run_benchmark  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, args.threads))
     t0 = time.perf_counter()
-    cfg = _settings(args)
-    corpus = machine_corpus(max_bytes=args.max_bytes)
-    heldout = [n for n in DEMO_HELDOUT if n in corpus.names][:2]
+    cfg = _settings(args, _BENCH_SETTINGS)
+    if args.corpus in (None, "machine"):
+        corpus = machine_corpus(max_bytes=args.max_bytes)
+        where = "found on this machine"
+    else:
+        corpus = _load_corpus(args.corpus, args.tokenizer)
+        where = f"in {args.corpus}"
+    if args.heldout:
+        heldout = _split_names(args.heldout, "--heldout")
+        missing = [h for h in heldout if h not in corpus]
+        if missing:
+            raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
+    else:
+        heldout = [n for n in DEMO_HELDOUT if n in corpus.names][:2]
     if not heldout or len(corpus.names) - len(heldout) < 2:
-        raise ValueError(f"this machine has too few text domains ({corpus.names}) for the demo; "
-                         "run `tarp-fast bench-adapt --corpus DIR --heldout NAME` on a folder of your own")
+        raise ValueError(f"too few text domains {where} ({corpus.names}) for the demo (it needs held-out domains and "
+                         "at least 2 others); pass --corpus DIR (one subfolder of text files per domain) and "
+                         "--heldout NAME,NAME")
     os.makedirs(args.out, exist_ok=True)
     corpus.write_manifest(os.path.join(args.out, "corpus_manifest.json"))
-    print(f"domains found on this machine: {', '.join(corpus.names)}")
+    print(f"domains {where}: {', '.join(corpus.names)}")
     print(f"held out (never seen before their fine-tuning): {', '.join(heldout)}")
     print(f"model: GPT-2 n_embd={cfg.n_embd} n_layer={cfg.n_layer}, byte tokens; TARP {cfg.variant} rank {cfg.rank}; "
           f"preparation: {cfg.prep.algorithm}, {cfg.prep.meta_steps} meta-steps x {cfg.prep.tasks_per_batch} tasks "
-          f"x {cfg.prep.inner_steps} inner step(s); fine-tuning: {cfg.finetune.steps} steps; seeds {list(cfg.seeds)}")
-    result = run_benchmark(corpus, heldout, cfg, cache_dir=os.path.join(args.out, "cache"),
-                           progress=not args.no_progress, log=_JsonlLog(os.path.join(args.out, "log.jsonl")),
-                           work_dir=args.out)
+          f"x {cfg.prep.inner_steps} inner step(s); fine-tuning: {cfg.finetune.steps} steps; seeds {list(cfg.seeds)}",
+          flush=True)
+    result = run_benchmark(corpus, heldout, cfg, cache_dir=_bases_dir(args), progress=_progress(args),
+                           log=_JsonlLog(os.path.join(args.out, "log.jsonl")), work_dir=args.out)
     print()
     _report(result, os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png"))
     sizes = result["sizes"]
@@ -261,47 +625,70 @@ def _init_distributed():
     return dist
 
 
+_PREPARE_SETTINGS = _MODEL_FLAGS + _PREP_FLAGS + _CHECKPOINT_FLAGS + _FT_FLAGS
+
+
 def _prepare_cmd(args: argparse.Namespace) -> int:
     import copy  # noqa: PLC0415
+    import random  # noqa: PLC0415
 
     import torch  # noqa: PLC0415
 
     from . import patch_model, save_adapter, unpatch_model  # noqa: PLC0415
     from .data import TaskSampler  # noqa: PLC0415
-    from .meta.bench import _add_tams, pretrained_base  # noqa: PLC0415
-    from .meta.models import load_base_model, save_base_model  # noqa: PLC0415
+    from .meta.bench import _add_tams, base_cache_path, pretrained_base  # noqa: PLC0415
+    from .meta.checkpoint import Checkpointer  # noqa: PLC0415
+    from .meta.models import save_base_model  # noqa: PLC0415
     from .meta.prepare import prepare  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, args.threads))
-    dist = _init_distributed()
-    rank = dist.get_rank() if dist else 0
-    cfg = _settings(args)
-    # Before anything random: the run is a function of its settings (prepare() also draws from
-    # its own RNG seeded from the same seed, or restored from the checkpoint when resuming).
-    import random  # noqa: PLC0415
-
-    torch.manual_seed(cfg.prep.seed)
-    random.seed(cfg.prep.seed)
+    _set_threads(args)
+    # everything is checked before anything is written or trained (and --out is created)
+    cfg = _settings(args, _PREPARE_SETTINGS)
     corpus = _load_corpus(args.corpus, args.tokenizer)
     heldout = _split_names(args.heldout, "--heldout") if args.heldout else []
     if heldout:
+        missing = [h for h in heldout if h not in corpus]
+        if missing:
+            raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
         corpus, _ = corpus.split_heldout(heldout)
-    os.makedirs(args.out, exist_ok=True)
+    model = None
     if args.model:
         from .meta.models import check_vocab  # noqa: PLC0415
 
-        model = load_base_model(args.model)
+        model = _load_base(args.model)
         check_vocab(model, corpus.vocab_size)
-    else:
+    if args.fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ValueError("--fsdp shards the model over the ranks of a torchrun job: launch with "
+                         "`torchrun --nproc-per-node N -m tarp_fast.cli prepare --fsdp ...` (this process is alone)")
+    dist = _init_distributed()
+    rank = dist.get_rank() if dist else 0
+    # Before anything random: the run is a function of its settings (prepare() also draws from
+    # its own RNG seeded from the same seed, or restored from the checkpoint when resuming).
+    torch.manual_seed(cfg.prep.seed)
+    random.seed(cfg.prep.seed)
+    cache = _bases_dir(args)
+    pc = cfg.prep
+    plan = []
+    if model is None and not (cache and os.path.isfile(base_cache_path(corpus, cfg, cache))):
+        plan.append(("pretrain", cfg.pretrain_steps, cfg.pretrain_batch))
+    plan.append(("prepare", pc.meta_steps, pc.tasks_per_batch * (max(pc.inner_steps, 1) * pc.batch_size
+                                                                  + pc.query_batch_size)))
+    progress = _progress(args, plan, enabled=rank == 0)
+    os.makedirs(args.out, exist_ok=True)
+    ckdir = os.path.join(args.out, "checkpoints")
+    state = {"step": None, "resumed_from": None}
+    args.on_interrupt = lambda: _prepare_interrupted(ckdir, state["step"], pc.checkpoint_every)
+    if model is None:
         # every rank trains the same base from the same seed: deterministic, no broadcast needed
-        model, _, _ = pretrained_base(corpus, cfg, cache_dir=os.path.join(args.out, "cache"),
-                                      progress=rank == 0 and not args.no_progress)
+        model, _, cached = pretrained_base(corpus, cfg, cache_dir=cache, progress=progress)
+        if cached and rank == 0:
+            print(f"base: the cached pretrained GPT-2 in {os.path.dirname(base_cache_path(corpus, cfg, cache))}",
+                  file=sys.stderr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.base_seed + 1)
         patch_model(model, rank=cfg.rank, variant=cfg.variant)
     if args.tams:
         _add_tams(model, cfg)
-    pc = cfg.prep
     sampler = TaskSampler(corpus, tasks_per_batch=pc.tasks_per_batch, inner_steps=max(pc.inner_steps, 1),
                           batch_size=pc.batch_size, query_batch_size=pc.query_batch_size, seq_len=pc.seq_len,
                           seed=pc.seed)
@@ -315,9 +702,39 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
                                 "pretrain_batch": cfg.pretrain_batch, "seed": cfg.base_seed}
     if args.tams:
         run_settings["tams_cell_width"] = cfg.tams_cell_width
-    res = prepare(model, sampler, pc, tams=args.tams, checkpoint_dir=os.path.join(args.out, "checkpoints"),
-                  resume=not args.no_resume, log_path=os.path.join(args.out, "prepare.jsonl"),
-                  progress=rank == 0 and not args.no_progress, stop_after=args.stop_after, run_settings=run_settings)
+    resume = not args.no_resume
+    if resume and rank == 0 and Checkpointer(ckdir).exists():
+        steps = Checkpointer(ckdir).steps()
+        print(f"resuming from the checkpoint at meta-step {steps[-1] if steps else '?'} in {ckdir} "
+              "(--no-resume starts over)", file=sys.stderr, flush=True)
+    phase = progress.phase(f"prepare ({pc.algorithm}{', TAMS' if args.tams else ''})", pc.meta_steps, kind="prepare")
+
+    def on_step(rec: dict) -> None:
+        if state["step"] is None and rec["step"] > 0:
+            state["resumed_from"] = rec["step"]
+            phase.update(rec["step"])  # resumed: the bar starts where the checkpoint was
+        state["step"] = rec["step"] + 1
+        phase.update(1, query_loss=float(rec["query_loss"]))
+
+    # FSDP shards the model in place: rank 0 keeps an unsharded skeleton to load the result into
+    skeleton = copy.deepcopy(model) if args.fsdp and rank == 0 else None
+    res = prepare(model, sampler, pc, tams=args.tams, checkpoint_dir=ckdir, resume=resume,
+                  log_path=os.path.join(args.out, "prepare.jsonl"), progress=False, stop_after=args.stop_after,
+                  run_settings=run_settings, on_step=on_step, fsdp=args.fsdp)
+    phase.close()
+    if args.fsdp:
+        import gc  # noqa: PLC0415
+
+        from .meta.prepare import gather_full_state_dict  # noqa: PLC0415
+
+        state_dict = gather_full_state_dict(model)  # every rank joins the all-gather; rank 0 gets it
+        res.pop("learner", None)
+        model = None
+        gc.collect()  # FSDP's last gloo work goes before the process group does
+        if rank == 0:
+            skeleton.load_state_dict(state_dict)
+            model = skeleton
+        del state_dict
     if rank == 0:
         plain = copy.deepcopy(model)
         if args.tams:
@@ -333,14 +750,72 @@ def _prepare_cmd(args: argparse.Namespace) -> int:
 
         atomic_write_bytes(os.path.join(args.out, "prepare_config.json"), json.dumps(
             {"settings": cfg.to_dict(), "tams": bool(args.tams), "model_dir": model_dir, "run": run_settings,
-             "steps": res["steps"], "losses": res["losses"], "resumes": res["resumes"]}, indent=1).encode())
+             "tokenizer": args.tokenizer, "steps": res["steps"], "losses": res["losses"],
+             "resumes": res["resumes"]}, indent=1).encode())
         last = res["losses"][-1] if res["losses"] else float("nan")
-        print(f"prepared: {res['steps']} meta-steps ({res['seconds']:.1f} s in this run), last query loss "
-              f"{last:.4f}; written to {args.out}")
+        resumed = state["resumed_from"]
+        resumed_text = f", resumed from meta-step {resumed}" if resumed is not None else ""
+        print(f"prepared: {res['steps']} meta-steps ({res['seconds']:.1f} s in this run{resumed_text}), "
+              f"last query loss {last:.4f}; written to {args.out} (base/: the base model, adapter/: the prepared "
+              f"adapter); next: `tarp-fast adapt --prepared {args.out} --domain NAME --out DIR`")
     if dist:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _prepare_interrupted(ckdir: str, step: Optional[int], every: int) -> str:
+    from .meta.checkpoint import Checkpointer  # noqa: PLC0415
+
+    steps = Checkpointer(ckdir).steps() if os.path.isdir(ckdir) else []
+    at = f" at meta-step {step}" if step is not None else ""
+    if steps:
+        return (f"interrupted{at}; checkpoint saved at meta-step {steps[-1]} in {ckdir}; "
+                "rerun the same command to resume")
+    return (f"interrupted{at}, before the first checkpoint (every {every or 'meta_steps'} meta-steps: "
+            "--checkpoint-every); rerun the same command to start over")
+
+
+def _write_json(path: str, obj: dict) -> None:
+    from ._io import atomic_write_bytes  # noqa: PLC0415
+
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _read_prepared(prepared: str) -> dict:
+    conf_path = os.path.join(prepared, "prepare_config.json")
+    if not os.path.isfile(conf_path):
+        raise FileNotFoundError(f"{prepared!r} has no prepare_config.json: not a folder written by `tarp-fast prepare`")
+    with open(conf_path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _architecture_json(arch) -> dict:
+    return {"ops": arch.ops.tolist() if arch.op_weights is not None else None,
+            "gates": arch.gates.detach().tolist() if arch.gates is not None else None}
+
+
+def _architecture_from_json(d: dict):
+    import torch  # noqa: PLC0415
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    from .tams import NUM_OPS, Architecture  # noqa: PLC0415
+
+    w = F.one_hot(torch.tensor(d["ops"]), NUM_OPS).float() if d.get("ops") is not None else None
+    z = torch.tensor(d["gates"], dtype=torch.float32) if d.get("gates") is not None else None
+    return Architecture(w, z)
+
+
+def _describe_architecture(arch) -> str:
+    from .tams import EDGES  # noqa: PLC0415
+
+    task = arch.describe()[0]
+    parts = []
+    if "edges" in task:
+        parts.append("cell edges " + ", ".join(f"n{s}->n{t}: {op}" for (s, t), op in zip(EDGES, task["edges"])))
+    if "kept" in task:
+        parts.append(f"kept sublayers {task['kept']}")
+    return "; ".join(parts)
 
 
 def _adapt_cmd(args: argparse.Namespace) -> int:
@@ -349,114 +824,336 @@ def _adapt_cmd(args: argparse.Namespace) -> int:
     from . import load_adapter, mark_only_tarp_trainable, save_adapter, tarp_parameters  # noqa: PLC0415
     from .data.sampling import DomainSplits, random_windows, step_generator  # noqa: PLC0415
     from .meta.finetune import FinetuneRecipe, finetune  # noqa: PLC0415
-    from .meta.models import check_vocab, load_base_model  # noqa: PLC0415
+    from .meta.models import check_vocab  # noqa: PLC0415
 
-    torch.set_num_threads(max(1, args.threads))
-    conf_path = os.path.join(args.prepared, "prepare_config.json")
-    if not os.path.isfile(conf_path):
-        raise FileNotFoundError(f"--prepared {args.prepared!r} has no prepare_config.json (run `tarp-fast prepare`)")
-    with open(conf_path, encoding="utf-8") as fh:
-        pconf = json.load(fh)
+    _set_threads(args)
+    tree = _read_toml(args.config)
+    pconf = _read_prepared(args.prepared)
     settings = pconf["settings"]
-    model = load_base_model(os.path.join(args.prepared, "base"))
-    corpus = _load_corpus(args.corpus, args.tokenizer)
+    where = f"--config {args.config}" if args.config else "settings"
+    for section in tree:
+        if section not in ("finetune", "bench"):
+            raise ValueError(f"{where}: section [{section}] does not apply to adapt: the prepared model in "
+                             f"{args.prepared} fixes it; adapt reads [finetune] and [bench] adapter_lr")
+    _check_sections(tree, {"finetune": _known_keys()["finetune"], "bench": ["adapter_lr"]}, where)
+    ft = {**settings["finetune"], **tree.get("finetune", {}), **_flag_overrides(args, _FT_FLAGS).get("finetune", {})}
+    try:
+        recipe = FinetuneRecipe(**ft)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"[finetune]: {exc}") from None
+    lr = args.lr or tree.get("bench", {}).get("adapter_lr") or settings["adapter_lr"]
+    corpus = _load_corpus(args.corpus, args.tokenizer or pconf.get("tokenizer"))
     if args.domain not in corpus:
-        raise ValueError(f"--domain {args.domain!r} is not in the corpus (domains: {corpus.names})")
+        raise ValueError(f"--domain {args.domain!r} is not in the corpus (domains: {', '.join(corpus.names)})")
+    base_dir = os.path.join(args.prepared, "base")
+    model = _load_base(base_dir)
     check_vocab(model, corpus.vocab_size, what="--prepared")
-    ft = dict(settings["finetune"])
-    if args.steps is not None:
-        ft["steps"] = args.steps
-    recipe = FinetuneRecipe(**ft)
     splits = DomainSplits.of(corpus[args.domain].tokens, eval_fraction=recipe.eval_fraction)
-    ctx = None
+    ctx = arch = None
     tams = bool(pconf.get("tams"))
     if tams:
         from .meta.bench import _tams_context  # noqa: PLC0415
-        from .tams import load_tams, save_tams  # noqa: PLC0415
+        from .tams import load_tams  # noqa: PLC0415
 
         load_tams(model, os.path.join(args.prepared, "adapter"))
-        ctx, _ = _tams_context(model, random_windows(splits.train, 16, recipe.seq_len, step_generator(args.seed, 0, 77)))
+        with torch.random.fork_rng(devices=[]):
+            ctx, arch = _tams_context(model, random_windows(splits.train, 16, recipe.seq_len,
+                                                            step_generator(args.seed, 0, 77)))
+        print(f"TAMS architecture chosen for {args.domain}: {_describe_architecture(arch)}", flush=True)
     else:
         load_adapter(model, os.path.join(args.prepared, "adapter"))
     mark_only_tarp_trainable(model)
+    os.makedirs(args.out, exist_ok=True)
     log = _JsonlLog(os.path.join(args.out, "adapt.jsonl"))
+    progress = _progress(args, [("finetune", recipe.steps, recipe.batch_size)])
     curve = finetune(model, tarp_parameters(model), splits.train, splits.eval, recipe, seed=args.seed,
-                     lr=args.lr or settings["adapter_lr"], progress=not args.no_progress,
-                     desc=f"adapt to {args.domain}", context=ctx,
+                     lr=lr, progress=progress, desc=f"adapt to {args.domain}", context=ctx,
                      on_eval=lambda s, loss, t: log({"step": s, "loss": loss, "seconds": t}))
-    (save_tams if tams else save_adapter)(model, os.path.join(args.out, "adapter"))
+    adapter_dir = os.path.join(args.out, "adapter")
+    if tams:
+        from .tams import save_tams  # noqa: PLC0415
+
+        save_tams(model, adapter_dir, architectures=arch)
+    else:
+        save_adapter(model, adapter_dir)
+    _write_json(os.path.join(args.out, "adapt_config.json"), {
+        "prepared": os.path.abspath(args.prepared), "base": os.path.abspath(base_dir),
+        "adapter": os.path.abspath(adapter_dir), "domain": args.domain, "tams": tams,
+        "architecture": _architecture_json(arch) if arch is not None else None,
+        "tokenizer": args.tokenizer or pconf.get("tokenizer"), "recipe": recipe.to_dict(), "lr": lr,
+        "seed": args.seed, "curve": curve})
     print(f"{'step':>6} {'loss':>8} {'seconds':>8}")
     for step, loss, secs in curve:
         print(f"{step:>6d} {loss:>8.4f} {secs:>8.2f}")
-    print(f"adapter written to {os.path.join(args.out, 'adapter')}")
+    load = ("m = load_base_model(base); tams.load_tams(m, adapter) and the architecture in adapt_config.json"
+            if tams else "m = load_base_model(base); tarp_fast.load_adapter(m, adapter)")
+    print(f"adapter written to {adapter_dir}. It applies to the base model in {base_dir} (keep both): "
+          f"`tarp-fast generate {args.out} --prompt TEXT` or `tarp-fast eval {args.out} --corpus ... --domain "
+          f"{args.domain}`; in Python: {load} (load_base_model: tarp_fast.meta.models)")
+    return 0
+
+
+def _load_run(folder: str):
+    """``(model, info)`` for a folder of `adapt` (its adapter on its prepared base) or `prepare`;
+    ``info["context"]`` runs the model's TAMS architecture (``None`` without TAMS)."""
+    from . import load_adapter  # noqa: PLC0415
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder!r} is not a folder written by `tarp-fast adapt` or `tarp-fast prepare`")
+    adapt_path = os.path.join(folder, "adapt_config.json")
+    if os.path.isfile(adapt_path):
+        with open(adapt_path, encoding="utf-8") as fh:
+            aconf = json.load(fh)
+        prepared, adapter = aconf["prepared"], os.path.join(folder, "adapter")
+    else:
+        aconf, prepared, adapter = None, folder, os.path.join(folder, "adapter")
+    pconf = _read_prepared(prepared)
+    model = _load_base(os.path.join(prepared, "base"))
+    context = None
+    if pconf.get("tams"):
+        from .tams import load_tams, use_architecture  # noqa: PLC0415
+
+        if aconf is None or aconf.get("architecture") is None:
+            raise ValueError(f"{folder} holds a TAMS model without a chosen architecture: run `tarp-fast adapt` "
+                             "(it picks the domain's architecture) and pass its --out folder")
+        load_tams(model, adapter)
+        arch = _architecture_from_json(aconf["architecture"])
+        context = lambda: use_architecture(model, arch)  # noqa: E731
+    else:
+        load_adapter(model, adapter)
+    model.eval()
+    return model, {"prepared": prepared, "adapter": adapter, "pconf": pconf, "aconf": aconf, "context": context,
+                   "tokenizer": (aconf or {}).get("tokenizer") or pconf.get("tokenizer")}
+
+
+def _generate_cmd(args: argparse.Namespace) -> int:
+    import contextlib  # noqa: PLC0415
+
+    import torch  # noqa: PLC0415
+
+    _set_threads(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, info = _load_run(args.folder)
+    tok = _tokenizer(args.tokenizer or info["tokenizer"])
+    ids = tok.encode(args.prompt).unsqueeze(0)
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt is empty")
+    ctx = info["context"] or contextlib.nullcontext
+    gen_kw = dict(max_new_tokens=args.max_new_tokens, use_cache=not args.no_kv_cache,
+                  pad_token_id=model.config.eos_token_id if model.config.eos_token_id is not None else 0)
+    if args.temperature > 0:
+        gen_kw.update(do_sample=True, temperature=args.temperature, top_k=0)
+    else:
+        gen_kw.update(do_sample=False)
+    torch.manual_seed(args.seed)
+    with torch.no_grad(), ctx():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)
+    print(args.prompt + tok.decode(out[0, ids.shape[1]:]))
+    return 0
+
+
+def _eval_cmd(args: argparse.Namespace) -> int:
+    from .data.sampling import DomainSplits, eval_windows  # noqa: PLC0415
+    from .meta.finetune import FinetuneRecipe, evaluate  # noqa: PLC0415
+    from .meta.models import check_vocab  # noqa: PLC0415
+
+    _set_threads(args)
+    model, info = _load_run(args.folder)
+    corpus = _load_corpus(args.corpus, args.tokenizer or info["tokenizer"])
+    if args.domain not in corpus:
+        raise ValueError(f"--domain {args.domain!r} is not in the corpus (domains: {', '.join(corpus.names)})")
+    check_vocab(model, corpus.vocab_size, what=args.folder)
+    recipe = FinetuneRecipe(**(info["aconf"] or {}).get("recipe", info["pconf"]["settings"]["finetune"]))
+    splits = DomainSplits.of(corpus[args.domain].tokens, eval_fraction=recipe.eval_fraction)
+    ev = eval_windows(splits.eval, args.eval_windows or recipe.eval_windows, recipe.seq_len)
+    with_adapter = evaluate(model, ev, context=info["context"])
+    base = evaluate(_load_base(os.path.join(info["prepared"], "base")), ev)
+    print(f"{args.domain}: held-out loss {with_adapter:.4f} nats/token with the adapter ({info['adapter']}), "
+          f"{base:.4f} for the base alone ({ev.shape[0]} windows of {recipe.seq_len} tokens)")
+    return 0
+
+
+def _config_cmd(args: argparse.Namespace) -> int:
+    print(config_reference(), end="")
     return 0
 
 
 # ---- parser ----------------------------------------------------------------------------------
 
-def _common(p: argparse.ArgumentParser, *, corpus: bool = True) -> None:
-    if corpus:
-        p.add_argument("--corpus", default="machine",
-                       help="'machine', 'generated[:N]', a folder with one subfolder of text files per domain, "
-                            "a .jsonl file of {\"domain\", \"text\"} records, or a corpus manifest .json")
-        p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a local transformers tokenizer folder")
-    p.add_argument("--config", help="TOML file with [model] [pretrain] [prep] [finetune] [bench] tables")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1")
-    p.add_argument("--arms", help="comma-separated benchmark arms (default: all five)")
-    for flag, typ in (("--meta-steps", int), ("--tasks-per-batch", int), ("--inner-steps", int), ("--inner-lr", float),
-                      ("--outer-lr", float), ("--steps", int), ("--seq-len", int), ("--batch-size", int),
-                      ("--pretrain-steps", int), ("--rank", int), ("--n-embd", int), ("--n-layer", int),
-                      ("--n-head", int), ("--full-lr", float), ("--adapter-lr", float), ("--checkpoint-every", int),
-                      ("--prep-seed", int)):
-        p.add_argument(flag, type=typ, default=None)
-    p.add_argument("--algorithm", choices=("fomaml", "maml", "reptile"), default=None)
-    p.add_argument("--inner-optimizer", choices=("sgd", "adam"), default=None)
-    p.add_argument("--learn-inner-lr", action="store_const", const=True, default=None,
-                   help="learn one inner learning rate per fast tensor")
+def _common(p: argparse.ArgumentParser, *, config: Optional[str] = "all", progress: bool = True) -> None:
+    g = p.add_argument_group("run")
+    if config == "all":
+        g.add_argument("--config", metavar="FILE.toml", default=None,
+                       help="TOML file with [model] [pretrain] [prep] [finetune] [bench] tables; flags win over it; "
+                            "`tarp-fast config` lists every key (default: none)")
+    elif config == "finetune":
+        g.add_argument("--config", metavar="FILE.toml", default=None,
+                       help="TOML file with a [finetune] table (and [bench] adapter_lr); the prepared model fixes "
+                            "the rest (default: the prepared settings)")
+    g.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    if progress:
+        g.add_argument("--no-progress", action="store_true",
+                       help="no bars or periodic lines: one line per finished phase (default: off; bars on a "
+                            "terminal, plain lines when stderr is redirected)")
+
+
+def _corpus_flags(p: argparse.ArgumentParser, *, required: bool = False, default: Optional[str] = "machine",
+                  recorded: bool = False) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--corpus", default=None if required else default, required=required,
+                   help="'machine' (text files found here), 'generated[:N]', a folder with one subfolder of text "
+                        "files per domain, a .jsonl file of {\"domain\", \"text\"} records, or a corpus manifest "
+                        f".json (default: {'none, required' if required else default})")
+    g.add_argument("--tokenizer", default=None,
+                   help="'bytes' or a local transformers tokenizer folder (default: "
+                        f"{'the one the model was prepared with' if recorded else 'bytes'})")
+
+
+def _cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cache of pretrained bases")
+    g.add_argument("--cache-dir", default=None,
+                   help="folder of the cache (default: $TARP_FAST_CACHE_DIR, else $XDG_CACHE_HOME/tarp-fast, "
+                        "else ~/.cache/tarp-fast)")
+    g.add_argument("--no-cache", action="store_true", help="pretrain the base even if cached, and do not cache it "
+                                                           "(default: off)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=110)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tarp-fast", description="TARP / MLtD: preparation, adaptation, benchmark")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__  # noqa: PLC0415
 
-    p = sub.add_parser("prepare", help="MLtD preparation (meta-training) of a base model; torchrun-ready")
-    _common(p)
-    p.add_argument("--heldout", help="comma-separated domains to leave out of preparation")
-    p.add_argument("--out", required=True, help="output folder (base/, adapter/, checkpoints/, prepare.jsonl)")
-    p.add_argument("--model", help="local transformers causal-LM folder to start from (default: pretrain a small GPT-2)")
-    p.add_argument("--tams", action="store_true", help="add TAMS (controller and searched cells)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out has checkpoints")
+    parser = argparse.ArgumentParser(
+        prog="tarp-fast", formatter_class=_Formatter,
+        description="TARP / MLtD: prepare a model (meta-training), adapt it to a domain, run it, benchmark it.",
+        epilog="Typical run:\n"
+               "  tarp-fast prepare --corpus DIR --heldout news --out prep\n"
+               "  tarp-fast adapt --prepared prep --corpus DIR --domain news --out news\n"
+               "  tarp-fast generate news --prompt 'Once'\n"
+               "Exit status: 0 ok, 2 bad arguments or data, 3 a NaN/inf loss, 130 interrupted.")
+    parser.add_argument("--version", action="version", version=f"tarp-fast {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, help_, **kw):
+        return sub.add_parser(name, help=help_, description=help_, formatter_class=_Formatter, **kw)
+
+    p = add("prepare", "MLtD preparation (meta-training) of a base model; torchrun-ready")
+    g = p.add_argument_group("what")
+    g.add_argument("--out", required=True, help="output folder: base/, adapter/, checkpoints/, prepare.jsonl "
+                                                "(required; a rerun with the same --out resumes)")
+    g.add_argument("--heldout", default=None, help="comma-separated domains to leave out of preparation "
+                                                   "(default: none)")
+    g.add_argument("--model", default=None, help="local transformers causal-LM folder to start from "
+                                                 "(default: pretrain a small GPT-2, see [model])")
+    g.add_argument("--tams", action="store_true", help="add TAMS: controller and searched cells (default: off)")
+    g.add_argument("--no-resume", action="store_true", help="start over even if --out has checkpoints "
+                                                            "(default: off, resume)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="shard the base with FSDP2 over the torchrun ranks, for a model that does not fit one "
+                        "device; the TARP factors stay whole on every rank (default: off, a whole model per rank)")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)  # tests: simulate a kill
+    _corpus_flags(p)
+    _common(p)
+    _cache_flags(p)
+    _add_setting_flags(p, _MODEL_FLAGS, "model (when --model is not given; the TARP rank and variant always)")
+    _add_setting_flags(p, _PREP_FLAGS + _CHECKPOINT_FLAGS, "preparation")
+    _add_setting_flags(p, _FT_FLAGS, "fine-tuning (recorded for `adapt`; --seq-len and --batch-size also set "
+                                     "the preparation's)")
     p.set_defaults(func=_prepare_cmd)
 
-    a = sub.add_parser("adapt", help="fine-tune the adapter of a prepared model on one domain")
-    _common(a)
-    a.add_argument("--prepared", required=True, help="folder written by `tarp-fast prepare`")
-    a.add_argument("--domain", required=True, help="the domain to adapt to")
-    a.add_argument("--out", required=True, help="output folder (adapter/, adapt.jsonl)")
-    a.add_argument("--lr", type=float, default=None, help="default: the prepared settings' adapter_lr")
-    a.add_argument("--seed", type=int, default=0)
+    a = add("adapt", "fine-tune the adapter of a prepared model on one domain")
+    g = a.add_argument_group("what")
+    g.add_argument("--prepared", required=True, help="folder written by `tarp-fast prepare` (required)")
+    g.add_argument("--domain", required=True, help="the domain of --corpus to adapt to (required)")
+    g.add_argument("--out", required=True, help="output folder: adapter/, adapt_config.json, adapt.jsonl "
+                                                "(required)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the prepared settings' "
+                                                          "[bench] adapter_lr)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the batches (default: 0)")
+    _corpus_flags(a, recorded=True)
+    _common(a, config="finetune")
+    _add_setting_flags(a, _FT_FLAGS, "fine-tuning", default_from="the prepared settings'")
     a.set_defaults(func=_adapt_cmd)
 
-    b = sub.add_parser("bench-adapt", help="adaptation-time benchmark of the five arms on held-out domains")
+    gen = add("generate", "generate text with a prepared or adapted model (its base plus its adapter)")
+    gen.add_argument("folder", help="a folder written by `tarp-fast adapt` (or `prepare`)")
+    gen.add_argument("--prompt", required=True, help="the text to continue (required)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy "
+                                                                    "(default: 0)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    gen.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every token "
+                                                                "(default: off, use the KV cache)")
+    gen.add_argument("--tokenizer", default=None, help="'bytes' or a tokenizer folder (default: the one the "
+                                                       "model was prepared with)")
+    _common(gen, config=None, progress=False)
+    gen.set_defaults(func=_generate_cmd)
+
+    ev = add("eval", "held-out loss of a prepared or adapted model on one domain, and of its base alone")
+    ev.add_argument("folder", help="a folder written by `tarp-fast adapt` (or `prepare`)")
+    ev.add_argument("--domain", required=True, help="the domain of --corpus to evaluate on (required)")
+    ev.add_argument("--eval-windows", type=int, default=None, help="held-out windows (default: the recipe's "
+                                                                   "[finetune] eval_windows)")
+    _corpus_flags(ev, recorded=True)
+    _common(ev, config=None, progress=False)
+    ev.set_defaults(func=_eval_cmd)
+
+    b = add("bench-adapt", "adaptation-time benchmark of the arms on held-out domains (MLtD vs matched controls)")
+    g = b.add_argument_group("what")
+    g.add_argument("--heldout", required=True, help="comma-separated held-out domains (required)")
+    g.add_argument("--json", default=None, help="write the results here (default: not written)")
+    g.add_argument("--png", default=None, help="write the loss curves here (default: not written)")
+    g.add_argument("--log", default=None, help="JSONL log of every phase (default: none)")
+    g.add_argument("--model", default=None, help="local transformers causal-LM folder every arm starts from "
+                                                 "(default: pretrain a small GPT-2 on the preparation domains)")
+    g.add_argument("--work-dir", default=None, help="keep the preparation logs here (default: not kept)")
+    _corpus_flags(b)
     _common(b)
-    b.add_argument("--heldout", required=True, help="comma-separated held-out domains")
-    b.add_argument("--json", help="write the results here")
-    b.add_argument("--png", help="write the loss curves here")
-    b.add_argument("--log", help="JSONL log of every phase")
-    b.add_argument("--model", help="local transformers causal-LM folder every arm starts from "
-                                   "(default: pretrain a small GPT-2 on the preparation domains)")
-    b.add_argument("--cache-dir", help="cache of pretrained bases")
-    b.add_argument("--work-dir", help="keep the preparation logs here")
+    _cache_flags(b)
+    _add_setting_flags(b, _MODEL_FLAGS, "model")
+    _add_setting_flags(b, _PREP_FLAGS, "preparation")
+    _add_setting_flags(b, _FT_FLAGS, "fine-tuning")
+    _add_setting_flags(b, _BENCH_FLAGS, "benchmark")
     b.set_defaults(func=_bench_adapt)
 
-    d = sub.add_parser("demo", help="the whole comparison on text found on this machine (minutes on CPU)")
-    _common(d, corpus=False)
-    d.add_argument("--out", default="tarp-fast-demo", help="output folder (default ./tarp-fast-demo)")
-    d.add_argument("--max-bytes", type=int, default=300_000, help="text per domain, in bytes")
+    d = add("demo", "the whole comparison on text found on this machine (minutes on CPU)")
+    g = d.add_argument_group("what")
+    g.add_argument("--out", default="tarp-fast-demo", help="output folder (default: ./tarp-fast-demo)")
+    g.add_argument("--max-bytes", type=int, default=300_000, help="text per domain found on this machine, in bytes "
+                                                                  "(default: 300000)")
+    g.add_argument("--heldout", default=None, help="comma-separated held-out domains (default: the first two of "
+                                                   f"{', '.join(DEMO_HELDOUT)} present)")
+    _corpus_flags(d)
+    _common(d)
+    _cache_flags(d)
+    _add_setting_flags(d, _MODEL_FLAGS, "model")
+    _add_setting_flags(d, _PREP_FLAGS, "preparation")
+    _add_setting_flags(d, _FT_FLAGS, "fine-tuning")
+    _add_setting_flags(d, _BENCH_FLAGS, "benchmark")
     d.set_defaults(func=_demo)
+
+    a = add("ablate", "adapter ablation (the paper's Table 6, small): TARP variants with and without the Hadamard "
+                      "term at matched parameter budgets, full fine-tuning and PEFT LoRA, over seeds")
+    g = a.add_argument_group("what")
+    g.add_argument("--heldout", required=True, help="comma-separated held-out domains (required)")
+    g.add_argument("--json", default=None, help="write the results here (default: not written)")
+    g.add_argument("--png", default=None, help="write the plot of final losses here (default: not written)")
+    g.add_argument("--log", default=None, help="JSONL log of every phase (default: none)")
+    _corpus_flags(a)
+    _common(a)
+    _cache_flags(a)
+    _add_setting_flags(a, _MODEL_FLAGS, "model")
+    _add_setting_flags(a, _PREP_FLAGS, "preparation")
+    _add_setting_flags(a, _FT_FLAGS, "fine-tuning")
+    _add_setting_flags(a, _ABLATE_FLAGS, "ablation")
+    a.set_defaults(func=_ablate)
+
+    c = add("config", "print the reference TOML file: every setting, its default and meaning")
+    c.set_defaults(func=_config_cmd)
     return parser
 
 
@@ -476,9 +1173,12 @@ def _drop_source_root_from_path() -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Entry point; returns the exit status (2: bad arguments or data, 3: a NaN/inf loss)."""
+    """Entry point; returns the exit status (2: bad arguments or data, 3: a NaN/inf loss, 130: Ctrl-C)."""
     _drop_source_root_from_path()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2): a status, not an exception
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     from .meta.finetune import NonFiniteLossError  # noqa: PLC0415
 
     try:
@@ -489,6 +1189,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"tarp-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = getattr(args, "on_interrupt", None)
+        print(f"\ntarp-fast {args.command}: {hint() if hint else 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

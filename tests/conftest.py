@@ -35,6 +35,13 @@ def _one_intra_op_thread():
 
 
 @pytest.fixture(autouse=True)
+def _private_base_cache(tmp_path_factory, monkeypatch):
+    """CLI runs cache pretrained bases: each test gets its own empty cache, so none depends on what
+    an earlier test cached, and nothing lands in the user's ~/.cache/tarp-fast."""
+    monkeypatch.setenv("TARP_FAST_CACHE_DIR", str(tmp_path_factory.mktemp("tarp-fast-cache")))
+
+
+@pytest.fixture(autouse=True)
 def _seed(request):
     """Fresh random inputs per test, reproducible from the test's node id.
 

@@ -56,3 +56,41 @@ def batch(family: str, n: int = 2, length: int = 12, seed: int = 1) -> dict:
     if family == "bart":
         return {"input_ids": ids, "labels": torch.randint(3, VOCAB, (n, length), generator=g)}
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def write_letter_corpus(root, names=("alpha", "beta", "gamma", "delta"), files=("a.txt",), chars: int = 3000) -> str:
+    """A corpus folder for the CLI (no network): one subfolder of text files per domain in ``names``.
+
+    Domain ``i`` draws ``chars`` characters per file uniformly from its own 5 letters
+    (``"abcdefghij"[i:i + 5]``) plus space and newline, so neighbouring domains share 4 letters and
+    each has its own statistics. Seeded (the same files in every run). Returns ``str(root)``.
+    """
+    import pathlib
+
+    root = pathlib.Path(root)
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        letters = "abcdefghij"[i:i + 5] + " \n"
+        for file in files:
+            idx = torch.randint(0, len(letters), (chars,), generator=g).tolist()
+            (root / name / file).write_text("".join(letters[k] for k in idx))
+    return str(root)
+
+
+def patched_small_gpt2(seed: int = 0, dropout: float = 0.0, dtype=torch.float32):
+    """The meta-learning tests' model: a 1-layer GPT-2 (vocab 256, width 16) patched with rank-2 TARP
+    layers whose ``U`` is drawn non-zero (``N(0, 0.05)``), so the factors matter in the forward and in
+    the inner-loop gradient from the first step. Seeded by ``seed``; the global RNG is left as it was
+    for the patch."""
+    import tarp_fast
+    from tarp_fast.meta import small_gpt2
+
+    m = small_gpt2(256, n_embd=16, n_layer=1, n_head=2, n_positions=32, seed=seed, dropout=dropout)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        tarp_fast.patch_model(m, rank=2)
+        for n, p in m.named_parameters():
+            if n.endswith("tarp_U"):
+                p.data.normal_(0, 0.05)
+    return m.to(dtype)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from models import write_letter_corpus
 from safetensors import safe_open
 
 from tarp_fast.cli import main
@@ -16,24 +17,32 @@ from tarp_fast.cli import main
 TINY = ["--n-embd", "16", "--n-layer", "1", "--n-head", "2", "--rank", "2", "--pretrain-steps", "3",
         "--meta-steps", "2", "--tasks-per-batch", "2", "--steps", "3", "--seq-len", "16", "--batch-size", "2",
         "--threads", "1", "--no-progress"]
-ARMS = ("direct", "tarp", "multitask", "mltd_tarp", "mltd_tarp_tams")
+from tarp_fast.meta.bench import ARMS  # noqa: E402  (the default arms)
+
+
+@pytest.fixture(autouse=True)
+def _base_cache(tmp_path_factory, monkeypatch):
+    """Pretrained bases go to a temporary cache (never the user's ~/.cache/tarp-fast)."""
+    monkeypatch.setenv("TARP_FAST_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "tarp-fast-cache"))
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
     """A folder with one subfolder of text files per domain (generated text, no network)."""
-    root = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    for i, name in enumerate(("alpha", "beta", "gamma", "delta")):
-        (root / name).mkdir()
-        letters = "abcdefghij"[i:i + 5] + " \n"
-        for j in range(2):
-            idx = torch.randint(0, len(letters), (3000,), generator=g).tolist()
-            (root / name / f"f{j}.txt").write_text("".join(letters[k] for k in idx))
-    return str(root)
+    return write_letter_corpus(tmp_path_factory.mktemp("corpus"), files=("f0.txt", "f1.txt"))
+
+
+def _weights(folder) -> str:
+    """The adapter's tensor file in ``folder`` (``adapter_model.safetensors``; older format: ``adapter.safetensors``)."""
+    for name in ("adapter_model.safetensors", "adapter.safetensors"):
+        if os.path.isfile(os.path.join(str(folder), name)):
+            return os.path.join(str(folder), name)
+    raise FileNotFoundError(f"no adapter tensor file in {folder}")
 
 
 def _read_tensors(path):
+    if os.path.isdir(path):
+        path = _weights(path)
     with safe_open(path, framework="pt") as fh:
         return {k: fh.get_tensor(k) for k in fh.keys()}
 
@@ -105,7 +114,7 @@ def test_prepare_resume_after_kill_is_bitwise_and_adapt_works(corpus_dir, tmp_pa
     # "kill" after 2 meta-steps (the process ends there), then a new run resumes from the checkpoint
     assert main([*common, "--out", str(tmp_path / "cut"), "--stop-after", "2"]) == 0
     assert main([*common, "--out", str(tmp_path / "cut")]) == 0
-    for sub in ("adapter/adapter.safetensors", "base/model.safetensors"):
+    for sub in ("adapter", "base/model.safetensors"):
         a, b = _read_tensors(str(tmp_path / "full" / sub)), _read_tensors(str(tmp_path / "cut" / sub))
         assert a.keys() == b.keys()
         for k in a:
@@ -117,7 +126,7 @@ def test_prepare_resume_after_kill_is_bitwise_and_adapt_works(corpus_dir, tmp_pa
     rc = main(["adapt", "--prepared", str(tmp_path / "full"), "--corpus", corpus_dir, "--domain", "delta",
                "--out", str(tmp_path / "ad"), "--steps", "2", "--threads", "1", "--no-progress"])
     assert rc == 0
-    assert (tmp_path / "ad" / "adapter" / "adapter.safetensors").is_file()
+    assert os.path.isfile(_weights(tmp_path / "ad" / "adapter"))
     assert len((tmp_path / "ad" / "adapt.jsonl").read_text().splitlines()) == 3
 
 
@@ -150,29 +159,31 @@ def test_python_m_cli_help():
         assert cmd in r.stdout
 
 
-def _rank_main(rank, world, init_file, corpus_dir, out, q):
+def _rank_main(rank, world, init_file, corpus_dir, out, q, extra=()):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         rc = main(["prepare", "--corpus", corpus_dir, "--heldout", "delta", *TINY, "--tasks-per-batch", "2",
-                   "--meta-steps", "2", "--out", out])
+                   "--meta-steps", "2", "--out", out, *extra])
         q.put((rank, rc))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def test_two_gloo_processes_equal_one(corpus_dir, tmp_path):
-    """Tasks split over 2 ranks with all-reduced gradients give the 1-process parameters."""
+@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_equal_one(corpus_dir, tmp_path, extra):
+    """Tasks split over 2 ranks with all-reduced gradients give the 1-process parameters; with
+    ``--fsdp`` the base is sharded over the ranks and gathered on rank 0 to be written."""
     import torch.multiprocessing as mp
 
     assert main(["prepare", "--corpus", corpus_dir, "--heldout", "delta", *TINY, "--tasks-per-batch", "2",
                  "--meta-steps", "2", "--out", str(tmp_path / "one")]) == 0
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), corpus_dir, str(tmp_path / "two"), q))
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, str(tmp_path / "init"), corpus_dir, str(tmp_path / "two"), q, extra))
              for r in range(2)]
     for p in procs:
         p.start()
@@ -180,7 +191,15 @@ def test_two_gloo_processes_equal_one(corpus_dir, tmp_path):
         p.join(timeout=300)
     results = sorted(q.get(timeout=5) for _ in range(2))
     assert results == [(0, 0), (1, 0)]
-    for sub in ("adapter/adapter.safetensors", "base/model.safetensors"):
+    for sub in ("adapter", "base/model.safetensors"):
         a, b = _read_tensors(str(tmp_path / "one" / sub)), _read_tensors(str(tmp_path / "two" / sub))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{sub}:{k}")
+
+
+def test_fsdp_needs_torchrun(corpus_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rc = main(["prepare", "--corpus", corpus_dir, "--heldout", "delta", *TINY, "--out", str(tmp_path / "o"), "--fsdp"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--fsdp" in err and "torchrun" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from models import patched_small_gpt2
 
 import tarp_fast
 from tarp_fast.data import TaskSampler, markov_corpus
@@ -18,15 +19,7 @@ L = 16
 
 
 def _model(dtype=torch.float32, seed=0):
-    m = small_gpt2(256, n_embd=16, n_layer=1, n_head=2, n_positions=32, seed=seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        tarp_fast.patch_model(m, rank=2)
-        # non-zero U so the factors matter in both the forward and the inner gradient
-        for n, p in m.named_parameters():
-            if n.endswith("tarp_U"):
-                p.data.normal_(0, 0.05)
-    return m.to(dtype)
+    return patched_small_gpt2(seed, dtype=dtype)
 
 
 @pytest.fixture(scope="module")

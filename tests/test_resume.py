@@ -13,11 +13,10 @@ import warnings
 
 import pytest
 import torch
+from models import patched_small_gpt2, write_letter_corpus
 
-import tarp_fast
 from tarp_fast.cli import main
 from tarp_fast.data import TaskSampler, markov_corpus
-from tarp_fast.meta import small_gpt2
 from tarp_fast.meta.checkpoint import Checkpointer
 from tarp_fast.meta.models import load_base_model
 from tarp_fast.meta.prepare import RESUME_MAY_CHANGE, PrepConfig, prepare
@@ -35,25 +34,11 @@ def corpus():
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    g = torch.Generator().manual_seed(0)
-    for i, name in enumerate(("alpha", "beta", "gamma", "delta")):
-        (root / name).mkdir()
-        letters = "abcdefghij"[i:i + 5] + " \n"
-        idx = torch.randint(0, len(letters), (4000,), generator=g).tolist()
-        (root / name / "a.txt").write_text("".join(letters[k] for k in idx))
-    return str(root)
+    return write_letter_corpus(tmp_path_factory.mktemp("corpus"), chars=4000)
 
 
 def _model(seed=0, dropout=0.0):
-    m = small_gpt2(256, n_embd=16, n_layer=1, n_head=2, n_positions=32, seed=seed, dropout=dropout)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        tarp_fast.patch_model(m, rank=2)
-        for n, p in m.named_parameters():
-            if n.endswith("tarp_U"):
-                p.data.normal_(0, 0.05)
-    return m
+    return patched_small_gpt2(seed, dropout)
 
 
 def _cfg(**kw):

@@ -18,7 +18,8 @@ import torch
 
 from .corpus import Corpus
 
-__all__ = ["random_windows", "eval_windows", "TaskSampler", "TaskBatch", "DomainSplits", "step_generator"]
+__all__ = ["random_windows", "eval_windows", "dedup_eval_windows", "TaskSampler", "TaskBatch", "DomainSplits",
+           "step_generator"]
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates neighbouring (seed, step, slot)
 
@@ -164,3 +165,62 @@ class TaskSampler:
             raise ValueError(f"TaskSampler.load_state_dict: the checkpoint's domains {state.get('names')} differ "
                              f"from this sampler's {self.names}")
         self.seed, self.step = int(state["seed"]), int(state["step"])
+
+
+#: Shingle length (tokens; bytes under the byte tokenizer) of :func:`dedup_eval_windows`.
+SHINGLE = 32
+_HASH_MOD = (1 << 61) - 1
+_HASH_BASE = 1_000_003
+
+
+def _shingle_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """Polynomial hashes of every ``k``-token shingle of ``tokens [n]`` (``[n - k + 1]`` int64).
+
+    Computed in float64-free integer arithmetic: each shingle is folded token by token modulo a
+    Mersenne prime (two 31-bit halves keep every product below 2**63).
+    """
+    t = tokens.to(torch.int64)
+    n = int(t.numel())
+    if n < k:
+        return torch.empty(0, dtype=torch.int64)
+    h = torch.zeros(n - k + 1, dtype=torch.int64)
+    lo_base, hi_base = _HASH_BASE & 0x7FFFFFFF, _HASH_BASE >> 31
+    for j in range(k):
+        # h = (h * BASE + t[j:]) mod p, with h < 2**61: split BASE to keep products in int64
+        lo = (h * lo_base) % _HASH_MOD
+        hi = ((h * hi_base) % _HASH_MOD) * (1 << 31) % _HASH_MOD if hi_base else torch.zeros_like(h)
+        h = (lo + hi + t[j:j + n - k + 1] + 1) % _HASH_MOD
+    return h
+
+
+def dedup_eval_windows(train: torch.Tensor, eval_tokens: torch.Tensor, num: int, length: int, *,
+                       shingle: int = SHINGLE) -> tuple[torch.Tensor, dict]:
+    """Evaluation windows of ``eval_tokens`` that share no ``shingle``-token run with ``train``.
+
+    The candidates are the non-overlapping windows of ``eval_tokens``; a candidate is dropped when
+    any of its ``shingle``-token runs also occurs in ``train`` (the domain's training split: text
+    duplicated across files, such as licence headers, would otherwise be measured as if unseen).
+    Returns ``(windows [num', length], report)`` with ``num' <= num`` evenly spaced among the kept
+    candidates, and ``report = {"candidates", "dropped", "kept", "shingle", "fallback"}``; when
+    no candidate survives, the plain :func:`eval_windows` are returned and ``fallback`` is True.
+    """
+    n = int(eval_tokens.numel())
+    if n < length:
+        raise ValueError(f"dedup_eval_windows: the evaluation stream has {n} tokens, fewer than the window length {length}")
+    k = min(int(shingle), length)
+    cands = eval_tokens[: (n // length) * length].view(-1, length)
+    seen = torch.unique(_shingle_hashes(train, k))
+    # every candidate's shingles in one pass: hash the stream, then read each window's slice
+    per = length - k + 1
+    hs = _shingle_hashes(cands.reshape(-1), k)
+    starts = torch.arange(cands.shape[0]) * length
+    idx = starts.unsqueeze(-1) + torch.arange(per)  # shingles fully inside window i
+    hit = torch.isin(hs[idx], seen).any(-1)
+    keep = torch.nonzero(~hit).flatten().tolist()
+    report = {"candidates": int(cands.shape[0]), "dropped": int(cands.shape[0] - len(keep)), "kept": len(keep),
+              "shingle": k, "fallback": not keep}
+    if not keep:
+        return eval_windows(eval_tokens, num, length), report
+    m = min(num, len(keep))
+    pick = torch.linspace(0, len(keep) - 1, m).round().to(torch.int64).tolist()
+    return cands[[keep[j] for j in pick]], report

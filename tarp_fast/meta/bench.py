@@ -14,10 +14,47 @@ key                 starting point                                              
 ``mltd_tarp_tams``  as ``mltd_tarp`` with TAMS (controller + searched cells);    TARP + cells
                     the held-out domain's architecture is deployed from its
                     support windows
+``multitask_tarp``  matched control of ``mltd_tarp``: the same modules, trained   TARP factors
+                    parameters, data, optimizer and compute, trained multitask
+                    instead of meta-learned (:func:`multitask_prepare`)
+``multitask_tarp_   matched control of ``mltd_tarp_tams`` (its own controller     TARP + cells
+tams``              samples the architectures during training and deploys one)
 ``tarp_tams``       opt-in control (not in the default arms): the base + fresh   TARP + cells
-                    TARP factors + fresh TAMS, no preparation; separates the
-                    searched cells' added capacity from what preparation adds
+                    TARP factors + fresh TAMS, no preparation, deploying the
+                    architecture MLtD's controller chose for the domain and seed
+                    (its own fresh controller's when ``mltd_tarp_tams`` is not
+                    run); separates the searched cells' capacity from what
+                    preparation adds
 ==================  ===========================================================  ==============
+
+**Matched controls.** ``multitask_prepare`` sees exactly the task batches MLtD's preparation
+draws (the same :class:`TaskSampler`, seed and meta-steps), and takes one outer step per
+meta-batch on the mean loss of all its support and query windows, with the same optimizer
+(AdamW, ``prep.outer_lr``, no schedule, ``prep.grad_clip``) over the same parameters (every
+weight: base, TARP factors, TAMS controller and cells); with TAMS the architectures are sampled
+per task from the controller exactly as in the preparation. The only difference is the inner
+loop: multitask instead of meta-learned. The headline compares each MLtD arm with its matched
+control (``comparisons``, ``"matched": true``).
+
+**Protocols** (``protocols``, each reported separately): ``"adapter"`` fine-tunes only the
+adapter (TARP factors, TAMS modules) of the adapter arms (the paper's meta-test); ``"all"``
+fine-tunes every weight (adapter at ``adapter_lr``, the rest at ``full_lr``). The full-weight
+arms (``direct``, ``multitask``) train every weight under both. The legacy keys ``domains`` and
+``per_seed`` hold the protocol ``finetune_scope``; ``protocols[p]`` holds each protocol's.
+The meta-test optimizer is Adam (AdamW, no weight decay unless set) with a constant learning
+rate; the preparation's inner optimizer is ``prep.inner_optimizer`` (both stated in the JSON
+under ``optimizers``).
+
+**Seeds.** Seed ``s`` varies the base's pretraining (seed ``base_seed + s``, cached per seed;
+not when a ``base_model`` is given, see ``seed_varies``), the fresh adapter and TAMS
+initialization, the preparation's task batches and the fine-tuning batches' order. The
+evaluation windows of a domain are the same for every seed.
+
+**Comparisons** (top-level ``comparisons``, :mod:`tarp_fast.meta.stats`): one entry per
+(domain, protocol, MLtD arm, control) with the median speed-up in steps to the target over
+seeds, its paired bootstrap 95% interval (runs that never reach the target are censored at
+budget + 1 steps and counted), losses after 1/5/10/20 steps, the area under the curve and the
+final losses.
 
 Full-weight arms use ``full_lr``, adapter arms ``adapter_lr`` (adapters are zero-initialized
 low-rank factors and need a larger step; both are settings, reported in the JSON). The multitask
@@ -32,9 +69,11 @@ seeds the curves are averaged step by step; per-seed figures are kept under ``pe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -47,18 +86,24 @@ import torch.nn as nn
 from .. import mark_only_tarp_trainable, patch_model, tarp_parameters
 from .._io import atomic_write_bytes
 from ..data.corpus import Corpus
-from ..data.sampling import DomainSplits, TaskSampler, random_windows, step_generator
-from .finetune import FinetuneRecipe, finetune, train_lm
+from ..data.sampling import DomainSplits, TaskSampler, dedup_eval_windows, random_windows, step_generator
+from ..nn.linear import TARPLinear
+from .finetune import FinetuneRecipe, RunProgress, finetune, train_lm
 from .models import check_vocab, count_parameters, small_gpt2
 from .prepare import PrepConfig, prepare
 
-__all__ = ["ARMS", "OPTIONAL_ARMS", "BenchConfig", "run_benchmark", "format_table", "plot_curves", "steps_to_target",
-           "tams_available", "pretrained_base"]
+__all__ = ["ARMS", "OPTIONAL_ARMS", "MATCHED_CONTROLS", "PROTOCOLS", "BenchConfig", "multitask_prepare", "comparisons", "run_benchmark", "format_table", "plot_curves", "curves_figure",
+           "steps_to_target", "tams_available", "pretrained_base", "base_cache_path"]
 
-ARMS = ("direct", "tarp", "multitask", "mltd_tarp", "mltd_tarp_tams")
+ARMS = ("direct", "tarp", "multitask", "mltd_tarp", "multitask_tarp", "mltd_tarp_tams", "multitask_tarp_tams")
 #: Arms that run only when asked for (``--arms``); see the table above.
 OPTIONAL_ARMS = ("tarp_tams",)
-_TAMS_ARMS = ("mltd_tarp_tams", "tarp_tams")
+_TAMS_ARMS = ("mltd_tarp_tams", "multitask_tarp_tams", "tarp_tams")
+_FULL_ARMS = ("direct", "multitask")
+#: each MLtD arm's matched control (the headline comparison)
+MATCHED_CONTROLS = {"mltd_tarp": "multitask_tarp", "mltd_tarp_tams": "multitask_tarp_tams"}
+#: fine-tuning protocols: adapter-only (the paper's meta-test) and every weight
+PROTOCOLS = ("adapter", "all")
 
 
 def tams_available() -> Optional[str]:
@@ -97,6 +142,12 @@ class BenchConfig:
     #: Measured on the demo (seed 0, 80 meta-steps): with "adapter" neither MLtD arm reached the
     #: direct arm's final loss in 100 steps; with "all" mltd_tarp reached it in 40-45 steps.
     finetune_scope: str = "all"
+    #: the fine-tuning protocols run and reported (each separately): "adapter" and/or "all"
+    protocols: tuple = PROTOCOLS
+    #: every seed pretrains its own base (seed ``base_seed + s``); False: one base for all seeds
+    vary_base: bool = True
+    #: TARP layers with the Hadamard term (``W ⊙ softplus(P Q + c)``; TARPLinear ``scale_weight``)
+    scale_weight: bool = False
 
     def __post_init__(self):
         if isinstance(self.prep, dict):
@@ -112,8 +163,15 @@ class BenchConfig:
             raise ValueError("BenchConfig: argument 'arms' must include 'direct' (its final loss is the target)")
         if not self.seeds:
             raise ValueError("BenchConfig: argument 'seeds' must name at least one seed")
-        if self.finetune_scope not in ("adapter", "all"):
+        if self.finetune_scope not in PROTOCOLS:
             raise ValueError(f"BenchConfig: argument 'finetune_scope' must be 'adapter' or 'all', got {self.finetune_scope!r}")
+        self.protocols = tuple(self.protocols)
+        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols) or len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"BenchConfig: argument 'protocols' must list distinct protocols of {PROTOCOLS}, "
+                             f"got {list(self.protocols)}")
+        if self.finetune_scope not in self.protocols:
+            raise ValueError(f"BenchConfig: 'finetune_scope' ({self.finetune_scope!r}) must be one of 'protocols' "
+                             f"{list(self.protocols)} (it fills the legacy keys 'domains' and 'per_seed')")
         if self.prep.seq_len != self.finetune.seq_len:
             raise ValueError(f"BenchConfig: prep.seq_len ({self.prep.seq_len}) must equal finetune.seq_len "
                              f"({self.finetune.seq_len})")
@@ -121,8 +179,18 @@ class BenchConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["prep"] = self.prep.to_dict()
-        d["seeds"], d["arms"] = list(self.seeds), list(self.arms)
+        d["seeds"], d["arms"], d["protocols"] = list(self.seeds), list(self.arms), list(self.protocols)
         return d
+
+
+def _seed_base(cfg: BenchConfig, seed: int) -> int:
+    """The seed of seed ``seed``'s base pretraining (``base_seed`` for seed 0)."""
+    return cfg.base_seed + (int(seed) if cfg.vary_base else 0)
+
+
+def _seed_init(cfg: BenchConfig, seed: int, slot: int) -> int:
+    """The seed of seed ``seed``'s fresh adapter (slot 1) or TAMS (slot 2) initialization."""
+    return cfg.base_seed + slot + 7919 * int(seed)
 
 
 def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> Optional[int]:
@@ -133,35 +201,58 @@ def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> Optional
     return None
 
 
+def kronecker_batches(variant: str) -> bool:
+    """Whether batched preparation (stacked per-task factors) runs for ``variant``: the Kronecker
+    layer needs per-task weights (``TARPLinear._kronecker_per_task``); without them the
+    preparation runs the reference loop over tasks (``PrepConfig.batched=False``, same result)."""
+    return variant != "kronecker" or hasattr(TARPLinear, "_kronecker_per_task")
+
+
 def _model_kw(cfg: BenchConfig, vocab: int) -> dict:
     return dict(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                 n_positions=max(64, cfg.finetune.seq_len), vocab_size=vocab)
 
 
-def pretrained_base(corpus: Corpus, cfg: BenchConfig, *, cache_dir: Optional[str] = None, progress: bool = False,
-                    log: Optional[Callable[[dict], None]] = None) -> tuple:
+def base_cache_path(corpus: Corpus, cfg: BenchConfig, cache_dir: Optional[str], seed: int = 0) -> Optional[str]:
+    """Where :func:`pretrained_base` caches the base of ``cfg`` (and benchmark seed ``seed``) on
+    ``corpus`` (``None``: no cache).
+
+    The key is a hash of the corpus fingerprint and every setting the base depends on.
+    """
+    if not cache_dir:
+        return None
+    key_src = json.dumps({"corpus": corpus.fingerprint(), "model": _model_kw(cfg, corpus.vocab_size),
+                          "steps": cfg.pretrain_steps, "lr": cfg.pretrain_lr, "batch": cfg.pretrain_batch,
+                          "seed": _seed_base(cfg, seed), "seq_len": cfg.finetune.seq_len, "v": 1}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    return os.path.join(cache_dir, f"base-{key}", "model.safetensors")
+
+
+def pretrained_base(corpus: Corpus, cfg: BenchConfig, *, cache_dir: Optional[str] = None, progress=False,
+                    log: Optional[Callable[[dict], None]] = None, seed: int = 0) -> tuple:
     """``(model, seconds, cached)``: a small GPT-2 pretrained on ``corpus`` (the preparation domains).
+
+    ``seed``: the benchmark seed; with ``cfg.vary_base`` the base is initialized and its batches
+    drawn from ``cfg.base_seed + seed`` (seed 0: ``cfg.base_seed``).
 
     Cached in ``cache_dir`` under a key made of the corpus fingerprint and the settings, so the
     same data and settings give the same base without training again.
     """
     kw = _model_kw(cfg, corpus.vocab_size)
-    key_src = json.dumps({"corpus": corpus.fingerprint(), "model": kw, "steps": cfg.pretrain_steps,
-                          "lr": cfg.pretrain_lr, "batch": cfg.pretrain_batch, "seed": cfg.base_seed,
-                          "seq_len": cfg.finetune.seq_len, "v": 1}, sort_keys=True)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     vocab = kw.pop("vocab_size")
-    model = small_gpt2(vocab, seed=cfg.base_seed, **kw)
-    path = os.path.join(cache_dir, f"base-{key}", "model.safetensors") if cache_dir else None
+    bseed = _seed_base(cfg, seed)
+    model = small_gpt2(vocab, seed=bseed, **kw)
+    path = base_cache_path(corpus, cfg, cache_dir, seed)
     if path and os.path.isfile(path):
         from safetensors.torch import load_model  # noqa: PLC0415
 
         load_model(model, path)
         return model, 0.0, True
-    sampler = TaskSampler(corpus, seq_len=cfg.finetune.seq_len, seed=cfg.base_seed + 99_991)
+    sampler = TaskSampler(corpus, seq_len=cfg.finetune.seq_len, seed=bseed + 99_991)
     t0 = time.perf_counter()
     train_lm(model, lambda s: sampler.mixed_batch_at(s, cfg.pretrain_batch)[0], cfg.pretrain_steps,
-             lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20), progress=progress, desc="pretrain base",
+             lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20), progress=progress,
+             desc="pretrain base" + (f" (seed {seed})" if cfg.vary_base and seed else ""),
              log=log)
     seconds = time.perf_counter() - t0
     if path:
@@ -171,19 +262,20 @@ def pretrained_base(corpus: Corpus, cfg: BenchConfig, *, cache_dir: Optional[str
     return model, seconds, False
 
 
-def _adapter_model(base: nn.Module, cfg: BenchConfig) -> nn.Module:
+def _adapter_model(base: nn.Module, cfg: BenchConfig, seed: int = 0) -> nn.Module:
     m = copy.deepcopy(base)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.base_seed + 1)  # same fresh TARP factors for every arm that adds them
-        patch_model(m, rank=cfg.rank, variant=cfg.variant)
+        torch.manual_seed(_seed_init(cfg, seed, 1))  # same fresh TARP factors for every arm of a seed
+        kw = {"scale_weight": True} if cfg.scale_weight else {}
+        patch_model(m, rank=cfg.rank, variant=cfg.variant, **kw)
     return m
 
 
-def _add_tams(model: nn.Module, cfg: BenchConfig) -> None:
+def _add_tams(model: nn.Module, cfg: BenchConfig, seed: int = 0) -> None:
     from ..tams import add_tams  # noqa: PLC0415
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.base_seed + 2)
+        torch.manual_seed(_seed_init(cfg, seed, 2))
         # gates=False: sublayer skipping saves compute but a 3-layer model has little to skip,
         # and the benchmark measures adaptation speed, not inference cost.
         add_tams(model, cell=True, gates=False, cell_width=cfg.tams_cell_width)
@@ -223,13 +315,71 @@ def _tams_context(model: nn.Module, support: torch.Tensor):
     return (lambda: use_architecture(model, arch)), arch
 
 
+def _dedup_eval(splits: DomainSplits, cfg: BenchConfig, name: str, reports: dict) -> torch.Tensor:
+    """The evaluation stream of a held-out domain: its evaluation windows that share no 32-token
+    shingle with its training split (:func:`~tarp_fast.data.sampling.dedup_eval_windows`),
+    concatenated, so that ``finetune``'s evenly spaced windows are exactly those windows."""
+    windows, report = dedup_eval_windows(splits.train, splits.eval, cfg.finetune.eval_windows, cfg.finetune.seq_len)
+    reports[name] = report
+    return windows.reshape(-1)
+
+
+def multitask_prepare(model: nn.Module, sampler: TaskSampler, config: PrepConfig, *, tams: bool = False,
+                      progress=None, on_step: Optional[Callable[[dict], None]] = None) -> dict:
+    """The matched control of MLtD's :func:`prepare`: the same task batches, trained multitask.
+
+    For each of ``config.meta_steps`` meta-batches ``sampler.batch_at(step)`` (the very batches
+    :func:`prepare` draws from the same sampler), one AdamW step (``config.outer_lr``, no
+    schedule, ``config.grad_clip``) on the mean loss over every support and query window of its
+    ``T`` tasks, for every parameter of ``model`` (the parameters MLtD's outer step trains). With
+    ``tams`` each task's architecture is sampled from the controller as in the preparation
+    (same generator slot) and applied per sequence. Returns ``{"steps", "seconds", "losses"}``.
+    """
+    from .models import sequence_losses  # noqa: PLC0415
+
+    params = [p for _, p in model.named_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=config.outer_lr, weight_decay=0.0, foreach=False)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    model.train()
+    for step in range(config.meta_steps):
+        batch = sampler.batch_at(step)
+        T, L = batch.support.shape[0], batch.support.shape[-1]
+        support = batch.support.reshape(T, -1, L)
+        ids = torch.cat([support, batch.query], dim=1)  # [T, k*B + Bq, L]
+        per_task = ids.shape[1]
+        ctx = contextlib.nullcontext()
+        if tams:
+            from ..tams import task_embeddings, use_architecture  # noqa: PLC0415
+
+            with torch.no_grad():
+                emb = task_embeddings(model, [x for x in support])
+            arch = model.tams_controller.sample(emb, step=step, generator=step_generator(config.seed, step, 31))
+            ctx = use_architecture(model, arch, task_index=torch.arange(T).repeat_interleave(per_task))
+        with ctx:
+            loss = sequence_losses(model, ids.reshape(T * per_task, L)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+        opt.step()
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"multitask_prepare: non-finite loss at step {step}")
+        if on_step is not None:
+            on_step({"step": step, "loss": losses[-1]})
+    return {"steps": config.meta_steps, "seconds": time.perf_counter() - t0, "losses": losses}
+
+
 def run_benchmark(
     corpus: Corpus,
     heldout: Sequence[str],
     cfg: BenchConfig,
     *,
     cache_dir: Optional[str] = None,
-    progress: bool = False,
+    progress=False,
     log: Optional[Callable[[dict], None]] = None,
     work_dir: Optional[str] = None,
     base_model: Optional[nn.Module] = None,
@@ -240,7 +390,9 @@ def run_benchmark(
     held-out domains are never seen before their fine-tuning. ``work_dir`` keeps the JSONL logs
     and checkpoints of the preparation runs. ``base_model``: start every arm from this model (a
     local checkpoint, see :func:`tarp_fast.meta.models.load_base_model`; it is not modified)
-    instead of pretraining the small GPT-2 of ``cfg``.
+    instead of pretraining the small GPT-2 of ``cfg``. ``progress``: ``True`` (bars on a
+    terminal, plain lines otherwise) or a :class:`~tarp_fast.meta.finetune.RunProgress`; every
+    phase is announced as "[k/N] ..." with an estimate of the time left in the whole run.
     """
     log = log or (lambda rec: None)
     prep_corpus, held_corpus = corpus.split_heldout(heldout)
@@ -253,28 +405,43 @@ def run_benchmark(
                 unavailable[arm] = reason
                 arms.remove(arm)
     t_all = time.perf_counter()
+    if progress is True:
+        progress = RunProgress()
+    if isinstance(progress, RunProgress):
+        pretrain_seeds = [] if base_model is not None else [
+            s for s in (cfg.seeds if cfg.vary_base else cfg.seeds[:1])
+            if not (cache_dir and os.path.isfile(base_cache_path(prep_corpus, cfg, cache_dir, s)))]
+        for phase in _phase_plan(cfg, arms, held_corpus.names, pretrain=len(pretrain_seeds)):
+            progress.add(*phase)
     if base_model is not None:
         check_vocab(base_model, corpus.vocab_size, what="run_benchmark: argument 'base_model'")
-        base, pre_seconds = base_model, 0.0
         log({"phase": "pretrain", "seconds": 0.0, "given": True})
-    else:
-        base, pre_seconds, cached = pretrained_base(prep_corpus, cfg, cache_dir=cache_dir, progress=progress,
-                                                    log=log)
-        log({"phase": "pretrain", "seconds": pre_seconds, "cached": cached})
     pc = cfg.prep
-    per_seed: dict[str, dict] = {}
+    protocols = list(cfg.protocols)
+    per_seed: dict[str, dict[str, dict]] = {p: {} for p in protocols}
     prep_cost: dict[str, list[float]] = {}
+    pre_cost: list[float] = []
     arch_reports: dict[str, dict] = {}
-    sizes = {"model_parameters": count_parameters(base.parameters())}
+    eval_dedup: dict[str, dict] = {}
+    sizes: dict = {}
+    base = None
     for seed in cfg.seeds:
+        if base_model is not None:
+            base = base_model
+        elif base is None or cfg.vary_base:
+            base, seconds, cached = pretrained_base(prep_corpus, cfg, cache_dir=cache_dir, progress=progress, log=log,
+                                                    seed=seed)
+            pre_cost.append(seconds)
+            log({"phase": "pretrain", "seed": seed, "seconds": seconds, "cached": cached})
+        sizes["model_parameters"] = count_parameters(base.parameters())
         starts: dict[str, nn.Module] = {}
         starts["direct"] = base
         if "tarp" in arms:
-            starts["tarp"] = _adapter_model(base, cfg)
+            starts["tarp"] = _adapter_model(base, cfg, seed)
             sizes["adapter_parameters"] = count_parameters(tarp_parameters(starts["tarp"]))
         if "tarp_tams" in arms:
-            starts["tarp_tams"] = _adapter_model(base, cfg)
-            _add_tams(starts["tarp_tams"], cfg)
+            starts["tarp_tams"] = _adapter_model(base, cfg, seed)
+            _add_tams(starts["tarp_tams"], cfg, seed)
         if "multitask" in arms:
             mt = copy.deepcopy(base)
             sampler = TaskSampler(prep_corpus, seq_len=pc.seq_len, seed=pc.seed + seed)
@@ -286,59 +453,110 @@ def run_benchmark(
                      progress=progress, desc=f"multitask (seed {seed})", log=log)
             prep_cost.setdefault("multitask", []).append(time.perf_counter() - t0)
             starts["multitask"] = mt
-        for arm, with_tams in (("mltd_tarp", False), ("mltd_tarp_tams", True)):
+        for arm, with_tams, meta in (("mltd_tarp", False, True), ("multitask_tarp", False, False),
+                                     ("mltd_tarp_tams", True, True), ("multitask_tarp_tams", True, False)):
             if arm not in arms:
                 continue
-            m = _adapter_model(base, cfg)
+            m = _adapter_model(base, cfg, seed)
             if with_tams:
-                _add_tams(m, cfg)
-            seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed})
+                _add_tams(m, cfg, seed)
+            seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed,
+                                     "batched": pc.batched and kronecker_batches(cfg.variant)})
+            # the matched control draws the very task batches of its MLtD arm (same sampler and seed)
             sampler = TaskSampler(prep_corpus, tasks_per_batch=pc.tasks_per_batch, inner_steps=max(pc.inner_steps, 1),
                                   batch_size=pc.batch_size, query_batch_size=pc.query_batch_size, seq_len=pc.seq_len,
                                   seed=seed_cfg.seed)
-            log_path = os.path.join(work_dir, f"prepare-{arm}-seed{seed}.jsonl") if work_dir else None
-            res = prepare(m, sampler, seed_cfg, tams=with_tams, log_path=log_path, progress=progress,
-                          on_step=lambda rec, arm=arm: log({"phase": f"prepare:{arm}", **rec}))
+            log_path = os.path.join(work_dir, f"prepare-{arm}-seed{seed}.jsonl") if work_dir and meta else None
+            phase = (progress.phase(f"{'prepare' if meta else 'matched control'} {arm} (seed {seed})", pc.meta_steps,
+                                    kind="prepare") if isinstance(progress, RunProgress) else None)
+
+            def on_step(rec, arm=arm, phase=phase):
+                log({"phase": f"prepare:{arm}", **rec})
+                if phase is not None:
+                    phase.update(1, loss=float(rec.get("query_loss", rec.get("loss", float("nan")))))
+
+            if meta:
+                res = prepare(m, sampler, seed_cfg, tams=with_tams, log_path=log_path,
+                              progress=bool(progress) and phase is None, on_step=on_step)
+            else:
+                res = multitask_prepare(m, sampler, seed_cfg, tams=with_tams, on_step=on_step)
+            if phase is not None:
+                phase.close()
             prep_cost.setdefault(arm, []).append(res["seconds"])
             starts[arm] = m
-        seed_out: dict[str, dict] = {}
         for name in held_corpus.names:
             splits = DomainSplits.of(held_corpus[name].tokens, eval_fraction=cfg.finetune.eval_fraction)
-            curves: dict[str, list] = {}
-            for arm in arms:
-                model = copy.deepcopy(starts[arm])
-                ctx = None
-                if arm in ("direct", "multitask"):
-                    params, lr = list(model.parameters()), cfg.full_lr
+            eval_stream = _dedup_eval(splits, cfg, name, eval_dedup)
+            # architectures, deployed once per domain and seed from the same support windows
+            archs: dict[str, object] = {}
+            support = random_windows(splits.train, 16, cfg.finetune.seq_len, step_generator(seed, 0, 77))
+            for arm in ("mltd_tarp_tams", "multitask_tarp_tams", "tarp_tams"):
+                if arm not in arms:
+                    continue
+                if arm == "tarp_tams" and "mltd_tarp_tams" in archs:
+                    archs[arm] = archs["mltd_tarp_tams"]  # only the preparation differs
                 else:
-                    mark_only_tarp_trainable(model)
-                    params, lr = tarp_parameters(model), cfg.adapter_lr
-                    if cfg.finetune_scope == "all":
-                        adapter_ids = {id(p) for p in params}
-                        rest = [p for p in model.parameters() if id(p) not in adapter_ids]
-                        params = [{"params": params, "lr": cfg.adapter_lr}, {"params": rest, "lr": cfg.full_lr}]
-                    if arm in _TAMS_ARMS:
-                        support = random_windows(splits.train, 16, cfg.finetune.seq_len, step_generator(seed, 0, 77))
-                        ctx, arch = _tams_context(model, support)
-                        from ..tams import architecture_report  # noqa: PLC0415
+                    archs[arm] = _tams_context(starts[arm], support)[1]
+                from ..tams import architecture_report  # noqa: PLC0415
 
-                        key = f"{name}/seed{seed}" if arm == "mltd_tarp_tams" else f"{arm}:{name}/seed{seed}"
-                        arch_reports[key] = architecture_report(arch, log=False)
-                        sizes.setdefault("tams_active_cell_parameters", {})[key] = _active_cell_parameters(model, arch)
-                curves[arm] = finetune(model, params, splits.train, splits.eval, cfg.finetune, seed=seed, lr=lr,
-                                       progress=progress, desc=f"{arm} on {name} (seed {seed})", context=ctx)
-                log({"phase": "finetune", "arm": arm, "domain": name, "seed": seed, "curve": curves[arm]})
-            target = curves["direct"][-1][1]
-            seed_out[name] = {"target_loss": target, "methods": {
-                arm: {"curve": c, "final_loss": c[-1][1], "steps_to_target": steps_to_target(c, target)}
-                for arm, c in curves.items()}}
-        per_seed[str(seed)] = seed_out
-    out = {"domains": _average(per_seed, held_corpus.names, arms)}
-    out["per_seed"] = per_seed
+                key = f"{name}/seed{seed}" if arm == "mltd_tarp_tams" else f"{arm}:{name}/seed{seed}"
+                arch_reports[key] = architecture_report(archs[arm], log=False)
+                sizes.setdefault("tams_active_cell_parameters", {})[key] = _active_cell_parameters(starts[arm], archs[arm])
+            shared: dict[str, list] = {}  # full-weight arms: the same run under every protocol
+            for protocol in protocols:
+                curves: dict[str, list] = {}
+                for arm in arms:
+                    if arm in _FULL_ARMS and arm in shared:
+                        curves[arm] = shared[arm]
+                        continue
+                    model = copy.deepcopy(starts[arm])
+                    ctx = None
+                    if arm in _FULL_ARMS:
+                        params, lr = list(model.parameters()), cfg.full_lr
+                    else:
+                        mark_only_tarp_trainable(model)
+                        params, lr = tarp_parameters(model), cfg.adapter_lr
+                        if protocol == "all":
+                            adapter_ids = {id(p) for p in params}
+                            rest = [p for p in model.parameters() if id(p) not in adapter_ids]
+                            params = [{"params": params, "lr": cfg.adapter_lr}, {"params": rest, "lr": cfg.full_lr}]
+                        if arm in archs:
+                            from ..tams import use_architecture  # noqa: PLC0415
+
+                            ctx = (lambda model=model, arch=archs[arm]: use_architecture(model, arch))
+                    desc = f"{arm} on {name} (seed {seed})" + ("" if arm in _FULL_ARMS else f" [{protocol}]")
+                    curves[arm] = finetune(model, params, splits.train, eval_stream, cfg.finetune, seed=seed, lr=lr,
+                                           progress=progress, desc=desc, context=ctx)
+                    if arm in _FULL_ARMS:
+                        shared[arm] = curves[arm]
+                    log({"phase": "finetune", "arm": arm, "domain": name, "seed": seed, "protocol": protocol,
+                         "curve": curves[arm]})
+                target = curves["direct"][-1][1]
+                per_seed[protocol].setdefault(str(seed), {})[name] = {"target_loss": target, "methods": {
+                    arm: {"curve": c, "final_loss": c[-1][1], "steps_to_target": steps_to_target(c, target)}
+                    for arm, c in curves.items()}}
+    legacy = cfg.finetune_scope
+    out = {"domains": _average(per_seed[legacy], held_corpus.names, arms)}
+    out["per_seed"] = per_seed[legacy]
+    out["protocol"] = legacy
+    out["protocols"] = {p: {"domains": _average(per_seed[p], held_corpus.names, arms), "per_seed": per_seed[p]}
+                        for p in protocols}
+    out["comparisons"] = comparisons(out)
+    out["eval_dedup"] = eval_dedup
     out["unavailable"] = unavailable
     out["preparation_seconds"] = {k: sum(v) / len(v) for k, v in prep_cost.items()}
-    out["pretrain_seconds"] = pre_seconds
+    out["pretrain_seconds"] = sum(pre_cost) / len(pre_cost) if pre_cost else 0.0
     out["base_model"] = ("given: " + type(base).__name__) if base_model is not None else "small GPT-2 pretrained here"
+    out["seed_varies"] = {"base_pretraining": base_model is None and cfg.vary_base, "adapter_init": True,
+                          "tams_init": True, "preparation_batches": True, "finetune_batch_order": True,
+                          "eval_windows": False}
+    out["optimizers"] = {
+        "inner_loop": f"{pc.inner_optimizer} (lr {pc.inner_lr}, {pc.inner_steps} step(s), {pc.algorithm})",
+        "outer_loop": f"AdamW (lr {pc.outer_lr}, no schedule, grad clip {pc.grad_clip})",
+        "matched_controls": f"AdamW (lr {pc.outer_lr}, no schedule, grad clip {pc.grad_clip}), one step per meta-batch",
+        "meta_test": (f"AdamW, constant lr (adapter {cfg.adapter_lr}, full weights {cfg.full_lr}), "
+                      f"weight decay {cfg.finetune.weight_decay}, grad clip {cfg.finetune.grad_clip}, "
+                      f"{cfg.finetune.steps} steps of {cfg.finetune.batch_size} windows")}
     out["total_seconds"] = time.perf_counter() - t_all
     out["sizes"] = sizes
     out["settings"] = cfg.to_dict()
@@ -348,6 +566,64 @@ def run_benchmark(
     if arch_reports:
         out["tams_architectures"] = arch_reports
     out["goal"] = goal_summary(out)
+    return out
+
+
+def _phase_plan(cfg: BenchConfig, arms: Sequence[str], heldout: Sequence[str], *, pretrain: int) -> list[tuple]:
+    """``(kind, steps, windows per step)`` of every phase :func:`run_benchmark` will run, in order
+    (the cost of a step: the windows it processes; TAMS steps count double). ``pretrain``: the
+    number of bases to pretrain (those not cached)."""
+    pc, ft = cfg.prep, cfg.finetune
+    plan = [("pretrain", cfg.pretrain_steps, cfg.pretrain_batch)] * int(pretrain)
+    for _ in cfg.seeds:
+        if "multitask" in arms:
+            windows = pc.tasks_per_batch * (pc.inner_steps * pc.batch_size + pc.query_batch_size)
+            batch = pc.tasks_per_batch * pc.batch_size
+            plan.append(("train", max(1, round(pc.meta_steps * windows / batch)), batch))
+        for arm in ("mltd_tarp", "multitask_tarp", "mltd_tarp_tams", "multitask_tarp_tams"):
+            if arm in arms:
+                windows = pc.tasks_per_batch * (max(pc.inner_steps, 1) * pc.batch_size + pc.query_batch_size)
+                plan.append(("prepare", pc.meta_steps, windows * (2 if arm in _TAMS_ARMS else 1)))
+        for _name in heldout:
+            for protocol in cfg.protocols:
+                for arm in arms:
+                    if arm in _FULL_ARMS and protocol != cfg.protocols[0]:
+                        continue  # run once, shared by the protocols
+                    plan.append(("finetune", ft.steps, ft.batch_size * (2 if arm in _TAMS_ARMS else 1)))
+    return plan
+
+
+def comparisons(result: dict, *, seed: int = 0) -> list[dict]:
+    """The paired comparisons of ``result`` (:mod:`tarp_fast.meta.stats`): one entry per
+    (domain, protocol, MLtD arm, control), for every control run among its matched control,
+    ``multitask``, ``tarp`` and ``direct`` (``"matched": true`` marks the headline one). Every
+    seed's target is the ``direct`` arm's final loss of that seed; the bootstrap is seeded with
+    ``seed``."""
+    from .stats import compare_pair  # noqa: PLC0415
+
+    out = []
+    for protocol, pres in result["protocols"].items():
+        per_seed = pres["per_seed"]
+        seeds = list(per_seed)
+        for name in pres["domains"]:
+            methods = pres["domains"][name]["methods"]
+            for arm in ("mltd_tarp", "mltd_tarp_tams"):
+                if arm not in methods:
+                    continue
+                for control in (MATCHED_CONTROLS[arm], "multitask", "tarp", "direct"):
+                    if control not in methods:
+                        continue
+                    runs = [per_seed[s][name] for s in seeds]
+                    stats = compare_pair([r["methods"][arm]["curve"] for r in runs],
+                                         [r["methods"][control]["curve"] for r in runs],
+                                         [r["target_loss"] for r in runs], seed=seed)
+                    entry = {"domain": name, "protocol": protocol, "arm": arm, "control": control,
+                             "matched": control == MATCHED_CONTROLS[arm], "seeds": [int(s) for s in seeds],
+                             "control_protocol": "all" if control in _FULL_ARMS else protocol,
+                             "target": "direct arm's final loss (per seed)",
+                             "censoring": "a run that never reaches the target counts as budget + 1 steps",
+                             **stats}
+                    out.append(entry)
     return out
 
 
@@ -393,42 +669,95 @@ def _fmt_steps(s) -> str:
 def format_table(result: dict) -> str:
     """A plain-text table: one row per held-out domain and arm."""
     lines = []
+    if result.get("protocol"):
+        lines.append(f"fine-tuning protocol of this table: {result['protocol']} "
+                     "(adapter: only the adapter arms' adapters train; all: every weight)")
     prep = result.get("preparation_seconds", {})
-    head = f"{'domain':<12} {'arm':<15} {'loss@0':>8} {'final':>8} {'target':>8} {'steps→target':>13} {'ft s':>7} {'prep s':>7}"
+    head = f"{'domain':<12} {'arm':<20} {'loss@0':>8} {'final':>8} {'target':>8} {'steps→target':>13} {'ft s':>7} {'prep s':>7}"
     lines.append(head)
     lines.append("-" * len(head))
     for name, d in result["domains"].items():
         for arm, m in d["methods"].items():
             c = m["curve"]
-            lines.append(f"{name:<12} {arm:<15} {c[0][1]:>8.4f} {m['final_loss']:>8.4f} {d['target_loss']:>8.4f} "
+            lines.append(f"{name:<12} {arm:<20} {c[0][1]:>8.4f} {m['final_loss']:>8.4f} {d['target_loss']:>8.4f} "
                          f"{_fmt_steps(m['steps_to_target']):>13} {c[-1][2]:>7.1f} {prep.get(arm, 0.0):>7.1f}")
         for arm, why in result.get("unavailable", {}).items():
-            lines.append(f"{name:<12} {arm:<15} unavailable: {why}")
+            lines.append(f"{name:<12} {arm:<20} unavailable: {why}")
+    comps = result.get("comparisons") or []
+    if comps:
+        lines.append("")
+        lines.append("speed-up in steps to the target (control steps / arm steps): median over seeds "
+                     "[paired bootstrap 95% interval]; a run that never reaches the target counts as budget + 1 steps "
+                     "(cens a/c: seeds censored for the arm / the control); AUC: mean loss over the run")
+        head = (f"{'domain':<12} {'protocol':<8} {'arm':<15} {'control':<21} {'speed-up':>8} {'95% interval':>16} "
+                f"{'cens a/c':>8} {'AUC arm':>8} {'AUC ctl':>8} {'final arm':>9} {'final ctl':>9}")
+        lines.append(head)
+        lines.append("-" * len(head))
+        for c in comps:
+            lo, hi = c["speedup_ci95"]
+            mark = "*" if c.get("matched") else " "
+            lines.append(f"{c['domain']:<12} {c['protocol']:<8} {c['arm']:<15} {mark}{c['control']:<20} "
+                         f"{c['speedup_median']:>7.2f}x {f'[{lo:.2f}, {hi:.2f}]':>16} "
+                         f"{c['censored_arm']:>3}/{c['censored_control']:<4} {c['auc_arm']:>8.4f} {c['auc_control']:>8.4f} "
+                         f"{c['final_loss_arm']:>9.4f} {c['final_loss_control']:>9.4f}")
+        lines.append("* matched control (same modules, trainable parameters, data and compute, trained multitask): "
+                     "the headline comparison")
     return "\n".join(lines)
 
 
-def plot_curves(result: dict, path: str) -> str:
-    """PNG of loss against fine-tuning steps, one panel per held-out domain (matplotlib, Agg)."""
+def curves_figure(result: dict):
+    """The matplotlib figure of :func:`plot_curves`: one panel per held-out domain, one row per
+    fine-tuning protocol (``result["protocols"]``).
+
+    Each line is the mean over the seeds of that protocol's ``per_seed`` (said in the title), with the
+    band between the seeds' lowest and highest loss at each step when there are several; a
+    dotted vertical line marks each arm's steps to the target (the legend gives the number).
+    """
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     names = list(result["domains"])
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        d = result["domains"][name]
+    views = [(p, v["domains"], v["per_seed"]) for p, v in result.get("protocols", {}).items()] or [
+        (result.get("protocol"), result["domains"], result.get("per_seed", {}))]
+    fig, axes = plt.subplots(len(views), len(names), figsize=(5.5 * len(names), 4.2 * len(views)), squeeze=False)
+    panels = [(ax, name, protocol, domains, per_seed) for row, (protocol, domains, per_seed) in zip(axes, views)
+              for ax, name in zip(row, names)]
+    for ax, name, protocol, domains, per_seed in panels:
+        seeds = list(per_seed)
+        d = domains[name]
         for arm, m in d["methods"].items():
             xs = [p[0] for p in m["curve"]]
             ys = [p[1] for p in m["curve"]]
-            ax.plot(xs, ys, marker=".", label=arm)
-        ax.axhline(d["target_loss"], color="gray", linestyle=":", linewidth=1, label="target (direct final)")
-        ax.set_title(f"held-out: {name}")
+            s = m["steps_to_target"]
+            (line,) = ax.plot(xs, ys, marker=".", label=f"{arm} (target at {'never' if s is None else s})")
+            runs = [per_seed[k][name]["methods"][arm]["curve"] for k in seeds
+                    if arm in per_seed[k].get(name, {}).get("methods", {})]
+            if len(runs) > 1 and all(len(r) == len(xs) for r in runs):
+                lo = [min(r[i][1] for r in runs) for i in range(len(xs))]
+                hi = [max(r[i][1] for r in runs) for i in range(len(xs))]
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+            if s is not None:
+                ax.axvline(s, color=line.get_color(), linestyle=":", linewidth=1)
+        ax.axhline(d["target_loss"], color="gray", linestyle="--", linewidth=1, label="target (direct final loss)")
+        what = (f"mean of {len(seeds)} seeds (band: min-max over seeds)" if len(seeds) > 1
+                else f"seed {seeds[0]}" if seeds else "")
+        proto = f", fine-tuning: {protocol}" if protocol else ""
+        ax.set_title(f"held-out: {name}{proto}\n{what}; dotted: steps to target", fontsize=9)
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("eval loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(result: dict, path: str) -> str:
+    """PNG of loss against fine-tuning steps (:func:`curves_figure`; matplotlib, Agg)."""
+    fig = curves_figure(result)
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (after curves_figure chose the Agg backend)
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)

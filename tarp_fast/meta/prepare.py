@@ -36,7 +36,23 @@ exactly its own gradient. ``batched=False`` runs the reference Python loop over 
 **Distributed.** With ``torch.distributed`` initialized, rank ``r`` of ``W`` takes tasks
 ``r, r+W, ...`` of each meta-batch (every rank draws the same meta-batch from the same seed),
 and the slow gradients are summed with one ``all_reduce`` over a flat buffer; the loss is
-normalized by the global task count, so the update equals the one-process update.
+normalized by the global task count, so the update equals the one-process update. DDP's hooks
+cannot serve here: the inner loop differentiates with ``torch.autograd.grad`` through
+``functional_call`` and only the outer gradient is reduced.
+
+**FSDP2** (``prepare(..., fsdp=True)``, for a model that does not fit one device): each
+transformer block, then the root, is sharded with ``torch.distributed.fsdp.fully_shard``
+(:func:`shard_for_preparation`). The fast parameters are left out of the sharding
+(``ignored_params``): they are small, every rank holds them whole, and the inner loop replaces
+them per task through ``functional_call``. FSDP all-gathers the sharded base around each block
+and reduce-scatters its outer gradient (a sum, divide factor 1, as the loss is already
+normalized by the global task count); the replicated parameters' gradients are all-reduced as
+without FSDP, and gradient clipping takes the norm over both. Checkpoints hold full tensors
+(gathered on every rank, written by rank 0) and load into a sharded or unsharded model alike.
+Needs ``tasks_per_batch`` divisible by the world size (every rank runs the same collectives)
+and a first-order algorithm (``fomaml`` or ``reptile``). With TAMS (decoder-only models) the
+controller and the input embeddings stay whole as well: they run outside the model's forward.
+:func:`gather_full_state_dict` collects the trained model for saving.
 """
 
 from __future__ import annotations
@@ -70,7 +86,7 @@ from .finetune import NonFiniteLossError
 from .models import sequence_losses
 
 __all__ = ["PrepConfig", "MetaLearner", "prepare", "fast_parameter_names", "stacked_tasks", "ALGORITHMS",
-           "RESUME_MAY_CHANGE"]
+           "RESUME_MAY_CHANGE", "shard_for_preparation", "transformer_blocks", "gather_full_state_dict"]
 
 ALGORITHMS = ("fomaml", "maml", "reptile")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -197,6 +213,82 @@ def _dist():
     return None
 
 
+def _is_dtensor(t) -> bool:
+    """A parameter sharded by FSDP2 (a ``DTensor``), without importing torch.distributed for others."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a transformers model, the units FSDP2 shards one at a time.
+
+    The classes named in ``model._no_split_modules`` (``GPT2Block``, ``LlamaDecoderLayer``, ...),
+    else transformers' ``GradientCheckpointingLayer`` instances; outermost first, none nested.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer  # noqa: PLC0415
+    except ImportError:  # older transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+    found: list[nn.Module] = []
+    for m in model.modules():
+        if m is model or any(m in set(b.modules()) for b in found):
+            continue
+        if type(m).__name__ in names or (GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)):
+            found.append(m)
+    return found
+
+
+def shard_for_preparation(model: nn.Module, *, tams: bool = False, mesh=None, mp_policy=None) -> nn.Module:
+    """Shard ``model`` with FSDP2 for :func:`prepare` (``fsdp=True``); in place, returns it.
+
+    ``fully_shard`` on each of :func:`transformer_blocks`, then on the root, with the fast
+    parameters (:func:`fast_parameter_names`) in ``ignored_params``: every rank keeps them whole
+    for the inner loop. With ``tams`` the TAMS controller and the input embeddings stay whole as
+    well (they run before the forward: the task embeddings and the architectures; decoder-only
+    models). Gradients are summed over ranks (divide factor 1); the whole parameters' gradients
+    are all-reduced by the :class:`MetaLearner`. ``mesh``: a 1-D
+    ``DeviceMesh`` (default: every rank, on the parameters' device type); ``mp_policy``: an
+    FSDP2 ``MixedPrecisionPolicy``. Needs ``torch.distributed`` initialized.
+    """
+    from torch.distributed.device_mesh import init_device_mesh  # noqa: PLC0415
+    from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: PLC0415
+
+    dist = _dist()
+    if dist is None:
+        raise RuntimeError("shard_for_preparation: torch.distributed is not initialized (launch with torchrun and "
+                           "call torch.distributed.init_process_group first)")
+    params = dict(model.named_parameters())
+    ignored = {params[n] for n in fast_parameter_names(model, cells=tams)}
+    if tams:
+        # run outside the model's forward (before it, to make each task's architecture), where
+        # FSDP would not gather them: the controller and the input embeddings the task
+        # embeddings are read from stay whole too
+        controller = getattr(model, "tams_controller", None)
+        if controller is not None:
+            ignored |= set(controller.parameters())
+        ignored |= set(model.get_input_embeddings().parameters())
+    if mesh is None:
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    kw = {"mesh": mesh, "ignored_params": ignored}
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"shard_for_preparation: found no transformer blocks in {type(model).__name__} "
+                         "(no _no_split_modules class, no GradientCheckpointingLayer)")
+    for block in blocks:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            setter = getattr(m, "set_gradient_divide_factor", None) or m.set_reduce_scatter_divide_factor
+            setter(1.0)
+            if hasattr(m, "set_force_sum_reduction_for_comms"):
+                m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model
+
+
 class MetaLearner:
     """Runs meta-steps of the preparation stage on ``model`` (patched with single-task TARP layers).
 
@@ -231,6 +323,20 @@ class MetaLearner:
         dist = _dist()
         self.rank = dist.get_rank() if dist else 0
         self.world = dist.get_world_size() if dist else 1
+        #: sharded by FSDP2 (shard_for_preparation): some parameters are DTensors
+        self.fsdp = any(_is_dtensor(p) for p in self.slow)
+        if self.fsdp:
+            if any(_is_dtensor(self.fast[n]) for n in self.fast_names):
+                raise ValueError("MetaLearner: the fast parameters must not be sharded (FSDP2 ignored_params); use "
+                                 "tarp_fast.meta.prepare.shard_for_preparation(model)")
+            if config.algorithm == "maml":
+                raise ValueError("MetaLearner: algorithm='maml' (second order) is not supported with FSDP2: use "
+                                 "'fomaml' or 'reptile', or run unsharded")
+            if config.tasks_per_batch % self.world:
+                raise ValueError(f"MetaLearner: with FSDP2 every rank must run the same collectives: tasks_per_batch "
+                                 f"{config.tasks_per_batch} must be divisible by the world size {self.world}")
+            if not config.batched:
+                raise ValueError("MetaLearner: FSDP2 needs batched=True (one forward per inner step on every rank)")
 
     # ---- inner loop --------------------------------------------------------------------------
     def _lr(self, name: str):
@@ -324,7 +430,10 @@ class MetaLearner:
                 sums += self._meta_grad(mine.select(group), T_global)
         self._all_reduce(sums)
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.slow, cfg.grad_clip)
+            if self.fsdp:
+                self._clip_sharded(cfg.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.slow, cfg.grad_clip)
         self.opt.step()
         self.step += 1
         q, s = float(sums[0] / T_global), float(sums[1] / T_global)
@@ -354,7 +463,12 @@ class MetaLearner:
             meta.backward()
         else:
             leaves = [fast[n] for n in self.fast_names]
-            meta.backward(inputs=self.slow + leaves)  # slow params and the adapted leaves only
+            if self.fsdp:
+                # FSDP2 computes the gradients of the gathered (unsharded) parameters, then
+                # reduce-scatters them into the sharded ones: they cannot be listed as inputs
+                meta.backward()
+            else:
+                meta.backward(inputs=self.slow + leaves)  # slow params and the adapted leaves only
             for n in self.fast_names:
                 p, leaf = self.fast[n], fast[n]
                 g_leaf = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
@@ -379,11 +493,37 @@ class MetaLearner:
                                                  generator=step_generator(self.config.seed, self.step, 31))
         return lambda ti: use_architecture(self.model, arch, task_index=ti)
 
+    def _clip_sharded(self, max_norm: float) -> None:
+        """``clip_grad_norm_`` over sharded (DTensor) and replicated gradients: the norm of the
+        full gradient, its sharded part summed over ranks."""
+        dist = _dist()
+        sharded = torch.zeros((), dtype=torch.float64)
+        whole = torch.zeros((), dtype=torch.float64)
+        for p in self.slow:
+            if p.grad is None:
+                continue
+            if _is_dtensor(p.grad):
+                sharded += p.grad.to_local().detach().double().pow(2).sum().cpu()
+            else:
+                whole += p.grad.detach().double().pow(2).sum().cpu()
+        if dist is not None:
+            dev = next(p for p in self.slow if _is_dtensor(p)).to_local().device
+            sharded = sharded.to(dev)
+            dist.all_reduce(sharded)
+            sharded = sharded.cpu()
+        total = float((sharded + whole).sqrt())
+        coef = max_norm / (total + 1e-6)  # as clip_grad_norm_
+        if coef < 1.0:
+            for p in self.slow:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+
     def _all_reduce(self, sums: torch.Tensor) -> None:
         dist = _dist()
         if dist is None:
             return
-        grads = [p.grad for p in self.outer_params]
+        # under FSDP2 the sharded gradients are already reduce-scattered: reduce the others
+        grads = [p.grad for p in self.outer_params if not _is_dtensor(p)]
         flat = torch.cat([g.reshape(-1) for g in grads] + [sums.to(grads[0].dtype)])
         dist.all_reduce(flat)
         off = 0
@@ -394,9 +534,12 @@ class MetaLearner:
 
     # ---- state -------------------------------------------------------------------------------
     def state_tensors(self) -> tuple:
-        tensors = {f"param.{n}": p.detach() for n, p in self.model.named_parameters()}
+        """Full tensors of the parameters, inner learning rates, optimizer state and RNG.
+
+        Under FSDP2 the sharded tensors are gathered: every rank must call it (collectives)."""
+        tensors = {f"param.{n}": _full(p.detach()) for n, p in self.model.named_parameters()}
         tensors.update({f"log_lr.{k}": p.detach() for k, p in self.log_lr.items()})
-        opt_t, opt_meta = optimizer_state_to_flat(self.opt)
+        opt_t, opt_meta = optimizer_state_to_flat(self.opt) if not self.fsdp else _optimizer_state_full(self.opt)
         tensors.update(opt_t)
         rng_t, rng_meta = rng_state(self.cuda_devices)
         tensors.update(rng_t)
@@ -415,12 +558,66 @@ class MetaLearner:
                 if t.shape != p.shape:
                     raise ValueError(f"MetaLearner.load: parameter {n!r} is {list(t.shape)} in the checkpoint, "
                                      f"{list(p.shape)} in the model")
-                p.copy_(t)
+                p.copy_(_like(p, t))
             for k, p in self.log_lr.items():
                 p.copy_(tensors[f"log_lr.{k}"])
+        if self.fsdp:  # full tensors in the checkpoint: shard each like its parameter
+            params = [q for g in self.opt.param_groups for q in g["params"]]  # the state dict's indices
+            tensors = dict(tensors)
+            for key in [k for k in tensors if k.startswith("optim.")]:
+                _, idx, name = key.split(".", 2)
+                p = params[int(idx)]
+                if _is_dtensor(p) and tensors[key].shape == p.shape:
+                    tensors[key] = _like(p, tensors[key])
         optimizer_state_from_flat(self.opt, tensors, meta["optimizer"])
         set_rng_state(tensors, meta["rng"])
         self.step = int(meta["step"])
+
+
+def gather_full_state_dict(model: nn.Module) -> dict:
+    """The full state dict of a model sharded by :func:`shard_for_preparation`, on CPU.
+
+    Every rank must call it (collectives); rank 0 gets the tensors, the other ranks ``{}``. Load it
+    into an unsharded copy of the model (e.g. one kept on rank 0 before :func:`prepare`) to save
+    the base and the adapter as without FSDP. An unsharded model: its own state dict.
+    """
+    if not any(_is_dtensor(p) for p in model.parameters()):
+        return dict(model.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: PLC0415
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded ``DTensor`` (all-gathered), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``p``: this rank's shard when ``p`` is a sharded ``DTensor``."""
+    if not _is_dtensor(p):
+        return full
+    from torch.distributed.tensor import distribute_tensor  # noqa: PLC0415
+
+    return distribute_tensor(full.to(device=p.device, dtype=p.dtype), p.device_mesh, p.placements)
+
+
+def _optimizer_state_full(opt: torch.optim.Optimizer) -> tuple:
+    """:func:`optimizer_state_to_flat` with each sharded state tensor gathered (every rank calls it)."""
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for k, v in list(st.items()):
+            if _is_dtensor(v):
+                st[k] = v.full_tensor()
+    return optimizer_state_to_flat(_StateDictOnly(sd))
+
+
+class _StateDictOnly:
+    def __init__(self, sd):
+        self._sd = sd
+
+    def state_dict(self):
+        return self._sd
 
 
 #: Settings that may differ between a checkpoint and the run resuming from it (see :func:`prepare`).
@@ -491,8 +688,16 @@ def prepare(
     stop_after: Optional[int] = None,
     on_step: Optional[Callable[[dict], None]] = None,
     run_settings: Optional[dict] = None,
+    fsdp: bool = False,
 ) -> dict:
     """Run ``config.meta_steps`` meta-steps of preparation on ``model`` (in place).
+
+    ``fsdp``: shard the model with FSDP2 first (:func:`shard_for_preparation`; see the module
+    docstring), for a model that does not fit one device; needs ``torch.distributed``
+    initialized (``torchrun``). A model already sharded that way is used as it is. Without it,
+    a distributed run keeps a whole model on every rank and all-reduces the outer gradient.
+    ``fsdp`` does not change what a step computes (up to the rounding of the reductions), so a
+    run may resume with or without it.
 
     ``checkpoint_dir``: write a checkpoint every ``config.checkpoint_every`` steps and at the
     end, and (with ``resume``) continue from the newest intact one found there (see
@@ -532,6 +737,10 @@ def prepare(
     if sampler.tasks_per_batch != config.tasks_per_batch or sampler.inner_steps != max(config.inner_steps, 1):
         raise ValueError("prepare: the sampler's tasks_per_batch/inner_steps must equal the config's "
                          f"({sampler.tasks_per_batch}/{sampler.inner_steps} vs {config.tasks_per_batch}/{config.inner_steps})")
+    if not isinstance(fsdp, bool):
+        raise TypeError(f"prepare: argument 'fsdp' must be a bool, got {type(fsdp).__name__}")
+    if fsdp and not any(_is_dtensor(p) for p in model.parameters()):
+        shard_for_preparation(model, tams=tams)
     cuda = sorted({p.get_device() for p in model.parameters() if p.is_cuda})
     py_state = random.getstate()
     with torch.random.fork_rng(devices=cuda):
@@ -607,8 +816,11 @@ def _prepare(model, sampler, config, *, tams, checkpoint_dir, resume, log_path, 
             bar.update(1)
             bar.set_postfix(query=f"{rec['query_loss']:.3f}")
         last = learner.step == config.meta_steps
-        if ckpt is not None and learner.rank == 0 and (last or (config.checkpoint_every and learner.step % config.checkpoint_every == 0)):
+        due = last or (config.checkpoint_every and learner.step % config.checkpoint_every == 0)
+        # under FSDP2 every rank gathers the full tensors (collectives); rank 0 writes them
+        if ckpt is not None and due and (learner.rank == 0 or learner.fsdp):
             tensors, meta = learner.state_tensors()
+        if ckpt is not None and due and learner.rank == 0:
             ckpt.save(learner.step, tensors, {"learner": meta, "sampler": sampler.state_dict(),
                                               "config": config.to_dict(), "tams": bool(tams), "run": run_settings,
                                               "world_size": learner.world, "history": history, "resumes": resumes})
