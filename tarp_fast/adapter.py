@@ -48,7 +48,10 @@ file and the field (``load_adapter: <path>: field 'x' ...``):
    with that hash is read instead; anything else is "replaced or corrupted").
 3. The embedded config matches its own hash, and ``adapter_config.json`` (apart from
    ``safetensors_sha256``) equals it field by field; the first differing field is reported.
-4. Every field has its type and range; each layer's settings imply the listed tensor shapes.
+4. Every field has its type and range; each layer's settings imply the listed tensor shapes. A
+   ``kronecker`` layer saved in the former form ``Σ_i A_i ⊗ B_i`` (tensors ``tarp_A``/``tarp_B``)
+   is refused with a message saying the form changed and what to do (never loaded into the
+   current ``tarp_H``/``tarp_KU``/``tarp_KV``).
 5. The tensors are the listed ones, with the listed shapes, dtypes and sha256, all finite.
 6. The model: the same ``model_type``; every adapter layer names an ``nn.Linear``/``Conv1D``
    with the saved in/out features and bias (or, in a patched model, a TARP layer with the saved
@@ -109,7 +112,7 @@ from safetensors.torch import load as _load_safetensors
 from safetensors.torch import save as _save_safetensors
 
 from . import __version__, _io
-from .nn.linear import INITS, VARIANTS, TARPLinear
+from .nn.linear import INITS, OLD_KRONECKER_FACTORS, VARIANTS, TARPLinear, old_kronecker_form_message
 from .patch import _is_dense, patch_modules, tarp_layers, tarp_named_parameters, unpatch_modules
 
 __all__ = ["save_adapter", "load_adapter", "read_adapter_config", "AdapterFileNotFoundError",
@@ -632,6 +635,11 @@ def _validate_layer(lname: str, cfg: Any, tensors: dict, file: _File, prefix: st
     _get_choice(cfg, "init", f"{field}.init", file, INITS)
     for key in ("scaling", "scale_offset"):
         _get_number(cfg, key, f"{field}.{key}", file)
+    # Before the probe: an old-form layer's shapes may not even be valid for the new form, and
+    # the error must say why (the form changed), not just that tensors are missing.
+    old = [f"{prefix}{lname}.{n}" for n in OLD_KRONECKER_FACTORS if f"{prefix}{lname}.{n}" in tensors]
+    if cfg["variant"] == "kronecker" and old:
+        raise file.error(field, "is not loadable: " + old_kronecker_form_message("the adapter", old))
     try:
         probe = _probe_layer(cfg)
     except (ValueError, TypeError) as exc:

@@ -33,7 +33,7 @@ from typing import Union
 import torch
 import torch.nn as nn
 
-from .nn.linear import TARP_PARAM_PREFIX, TARPLinear, _is_conv1d
+from .nn.linear import TARP_PARAM_PREFIX, TARPLinear, _is_conv1d, kronecker_factor_shapes
 
 __all__ = [
     "patch_model",
@@ -120,6 +120,11 @@ def patch_modules(model: nn.Module, layer_kw_by_name: dict[str, dict]) -> list[s
                 raise RuntimeError(f"patch_model: module {name!r} is already patched; call unpatch_model first")
             if not _is_dense(module):
                 raise TypeError(f"patch_model: module {name!r} must be an nn.Linear or Conv1D, got {type(module).__name__}")
+            if kw.get("variant") == "kronecker":  # the divisibility error, naming the module that fails it
+                conv = _is_conv1d(module)
+                kronecker_factor_shapes(module.nx if conv else module.in_features,
+                                        module.nf if conv else module.out_features,
+                                        1, who=f"patch_model: module {name!r}")  # the rank plays no part
             _set_submodule(model, name, TARPLinear.from_module(module, **kw))
             originals[name] = module
             done.append(name)
@@ -253,7 +258,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     Returns ``model``, now with the original ``nn.Linear``/``Conv1D`` modules (the same objects
     ``patch_model`` replaced) holding the merged weights ``W' = W ⊙ scale + scaling U V``
-    (``bilinear``) or ``W ⊙ scale + scaling Σ A ⊗ B`` (``kronecker``): its outputs match the
+    (``bilinear``) or ``W ⊙ scale + scaling Σ_i H_i ⊗ (U_i V_i)`` (``kronecker``): its outputs match the
     patched model's up to rounding, and ``save_pretrained`` writes a checkpoint that the plain
     class loads. Only static adapters merge: a ``dynamic`` layer's delta depends on its input and
     a multi-task layer has one delta per task, so either is a ``ValueError`` naming the layers,

@@ -209,3 +209,60 @@ def test_package_never_pickles():
         text = path.read_text()
         for banned in ("import pickle", "torch.load(", "torch.save("):
             assert banned not in text, (path, banned)
+
+
+# ---- the kronecker form (issue 16, item 5) ---------------------------------------------------------
+def test_kronecker_adapter_round_trip(tmp_path):
+    model = _patched(variant="kronecker", scale_weight=True)
+    names = {n.rsplit(".", 1)[-1] for n, _ in tarp_fast.patch.tarp_named_parameters(model)}
+    assert names == {"tarp_H", "tarp_KU", "tarp_KV", "tarp_P", "tarp_Q"}
+    save_adapter(model, str(tmp_path))
+    loaded = load_adapter(tiny_model("gpt2"), str(tmp_path))
+    want = dict(tarp_fast.patch.tarp_named_parameters(model))
+    got = dict(tarp_fast.patch.tarp_named_parameters(loaded))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def _to_old_kronecker_form(tensors: dict) -> None:
+    """Rewrite each kronecker layer's tensors as the former form wrote them: ``tarp_A [r, n1, k1]``,
+    ``tarp_B [r, n2, k2]`` with ``N = n1 n2``, ``K = k1 k2`` split as evenly as the divisors allow."""
+
+    def split(n):
+        a = max(d for d in range(1, int(n**0.5) + 1) if n % d == 0)
+        return a, n // a
+
+    g = torch.Generator().manual_seed(0)
+    for key in [k for k in tensors if k.endswith(".tarp_H")]:
+        layer = key[: -len(".tarp_H")]
+        KU, KV = tensors.pop(f"{layer}.tarp_KU"), tensors.pop(f"{layer}.tarp_KV")
+        del tensors[key]
+        r, N, K = KU.shape[-1], KU.shape[0] * KU.shape[1], KV.shape[0] * KV.shape[2]
+        (n1, n2), (k1, k2) = split(N), split(K)
+        tensors[f"{layer}.tarp_A"] = torch.randn(r, n1, k1, generator=g)
+        tensors[f"{layer}.tarp_B"] = torch.randn(r, n2, k2, generator=g)
+
+
+def test_old_kronecker_adapter_is_refused_and_changes_nothing(tmp_path):
+    """Before the paper's form, kronecker adapters held tarp_A/tarp_B: such a file must never load
+    into (or silently skip) the new H/KU/KV factors."""
+    save_adapter(_patched(variant="kronecker"), str(tmp_path))
+    resign(tmp_path, _to_old_kronecker_form)
+    assert any(k.endswith(".tarp_A") for k in load_file(str(tmp_path / ADAPTER_WEIGHTS)))
+    msg = (r"field 'layers\.transformer\.h\.\d\.\w+\.\w+' is not loadable: the adapter holds "
+           r"\S+\.tarp_A, \S+\.tarp_B: factors of the former kronecker form .* tarp_H, tarp_KU, tarp_KV.*"
+           r"tarp_fast_version.*merge_and_unload")
+    plain = tiny_model("gpt2")
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match=msg):
+        load_adapter(plain, str(tmp_path))
+    assert not tarp_fast.patch.tarp_layers(plain)
+    after = plain.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())
+    patched = _patched(variant="kronecker", seed=3)
+    before = {k: v.clone() for k, v in patched.state_dict().items()}
+    with pytest.raises(ValueError, match=msg):
+        load_adapter(patched, str(tmp_path), strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in patched.state_dict().items())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -57,13 +58,95 @@ def test_forward_matches_reference_formula(variant):
     assert float((layer(x) - F.linear(x, layer.weight, layer.bias)).detach().abs().max()) > 1e-6  # paper init: a real delta
 
 
-def test_kronecker_matches_explicit_kron():
-    layer = TARPLinear(12, 6, rank=2, variant="kronecker", init="paper", scaling=2.0, dtype=torch.float64)
-    A, B = layer.tarp_A, layer.tarp_B
-    assert A.shape[1] * B.shape[1] == 6 and A.shape[2] * B.shape[2] == 12
-    delta = sum(torch.kron(A[i], B[i]) for i in range(2))
-    x = torch.randn(3, 12, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), F.linear(x, layer.weight + 2.0 * delta, layer.bias))
+def _kron_direct(layer: TARPLinear) -> torch.Tensor:
+    """float64 ``W ⊙ softplus(P Q + c) + scaling Σ_i H_i ⊗ (U_i V_i)`` with torch.kron, term by term."""
+    H, U, V = (t.detach().double() for t in (layer.tarp_H, layer.tarp_KU, layer.tarp_KV))
+    w = layer.weight.detach().double()
+    if layer.scale_weight:
+        w = w * F.softplus(layer.tarp_P.detach().double() @ layer.tarp_Q.detach().double() + layer.scale_offset)
+    return w + layer.scaling * sum(torch.kron(H[i], U[i] @ V[i]) for i in range(H.shape[0]))
+
+
+@pytest.mark.parametrize("scale_weight", [False, True])
+def test_kronecker_matches_direct_float64_computation(scale_weight):
+    # N/n = 3 and K/n = 5 (odd block sizes): a wrong block layout or transposition cannot pass
+    torch.manual_seed(0)
+    layer = TARPLinear(20, 12, rank=2, variant="kronecker", init="paper", scaling=2.0, scale_weight=scale_weight,
+                       dtype=torch.float64)
+    shapes = {n: tuple(p.shape) for n, p in layer.tarp_named_parameters()}
+    assert shapes["tarp_H"] == (4, 4, 4) and shapes["tarp_KU"] == (4, 3, 2) and shapes["tarp_KV"] == (4, 2, 5)
+    with torch.no_grad():  # paper init (std 0.02) makes a delta near rounding: scale the factors up
+        for p in (layer.tarp_H, layer.tarp_KU, layer.tarp_KV):
+            p.normal_(0.0, 1.0)
+    x = torch.randn(3, 7, 20, dtype=torch.float64)
+    want = F.linear(x, _kron_direct(layer), layer.bias)
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    assert float((want - F.linear(x, layer.weight, layer.bias)).detach().abs().max()) > 1.0  # a real delta
+
+
+@pytest.mark.parametrize("scale_weight", [False, True])
+def test_kronecker_gradcheck_float64(scale_weight):
+    torch.manual_seed(1)
+    layer = TARPLinear(8, 12, rank=2, variant="kronecker", init="paper", scaling=0.5, scale_weight=scale_weight,
+                       dtype=torch.float64)
+    names = [n for n, _ in layer.tarp_named_parameters()]
+    assert names == ["tarp_H", "tarp_KU", "tarp_KV"] + (["tarp_P", "tarp_Q"] if scale_weight else [])
+    leaves = [torch.randn_like(p).requires_grad_(True) for _, p in layer.tarp_named_parameters()]
+    x = torch.randn(3, 8, dtype=torch.float64)
+
+    def f(*factors):
+        return torch.func.functional_call(layer, dict(zip(names, factors)), (x,))
+
+    assert torch.autograd.gradcheck(f, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_kronecker_zero_delta_is_the_base_and_every_factor_learns():
+    torch.manual_seed(2)
+    layer = TARPLinear(16, 12, rank=2, variant="kronecker", scale_weight=True, dtype=torch.float64)
+    assert torch.equal(layer.tarp_KU, torch.zeros_like(layer.tarp_KU))  # the zero factor (LoRA's zero B)
+    assert float(layer.tarp_H.detach().abs().min()) > 0 and float(layer.tarp_KV.detach().abs().sum()) > 0
+    x = torch.randn(6, 16, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-14, atol=1e-14)
+    opt = torch.optim.SGD([p for _, p in layer.tarp_named_parameters()], lr=0.1)
+    grads = []
+    for _ in range(2):
+        opt.zero_grad()
+        layer(x).pow(2).sum().backward()
+        grads.append({n: float(p.grad.abs().sum()) for n, p in layer.tarp_named_parameters()})
+        opt.step()
+    assert grads[0]["tarp_KU"] > 0 and grads[0]["tarp_P"] > 0  # the zero factors learn at once
+    assert grads[0]["tarp_H"] == 0 and grads[0]["tarp_KV"] == 0  # U_i = 0 hides them at the first step ...
+    assert all(g > 0 for g in grads[1].values()), grads[1]  # ... and from the second step on all learn
+
+
+def test_kronecker_parameter_count():
+    for (k, n, r, sw) in [(20, 12, 2, False), (20, 12, 3, True), (64, 16, 1, False)]:
+        layer = TARPLinear(k, n, rank=r, variant="kronecker", scale_weight=sw)
+        got = sum(p.numel() for _, p in layer.tarp_named_parameters())
+        assert got == 4**3 + r * (n + k) + (r * (n + k) if sw else 0), (k, n, r, sw)
+
+
+@pytest.mark.parametrize("in_f,out_f,arg", [(10, 12, "in_features=10"), (12, 6, "out_features=6"),
+                                            (3, 8, "in_features=3")])
+def test_kronecker_sizes_must_be_multiples_of_n(in_f, out_f, arg):
+    with pytest.raises(ValueError, match=rf"variant='kronecker' needs argument '{arg.split('=')[0]}' to be a multiple "
+                                         rf"of n=4 .* got {arg}"):
+        TARPLinear(in_f, out_f, variant="kronecker")
+    with pytest.raises(ValueError, match=rf"patch_model: module 'lin': .*got {arg}"):
+        from tarp_fast import patch_model
+
+        patch_model(nn.Sequential(OrderedDict(lin=nn.Linear(in_f, out_f))), targets=["lin"], variant="kronecker")
+
+
+def test_old_kronecker_state_dict_is_refused():
+    layer = TARPLinear(8, 8, rank=2, variant="kronecker")
+    old = {"weight": layer.weight.detach().clone(), "bias": layer.bias.detach().clone(),
+           "tarp_A": torch.zeros(2, 2, 2), "tarp_B": torch.zeros(2, 4, 4)}
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    for strict in (True, False):
+        with pytest.raises(ValueError, match="tarp_A, tarp_B: factors of the former kronecker form .* tarp_H"):
+            layer.load_state_dict(old, strict=strict)
+    assert all(torch.equal(p, before[n]) for n, p in layer.named_parameters())
 
 
 def test_gradients_reach_every_factor_from_zero_delta():
@@ -113,12 +196,21 @@ def test_from_module_rejects_other_modules():
 
 @pytest.mark.parametrize("variant", ["bilinear", "kronecker"])
 def test_merge_unmerge_bitwise(variant):
-    layer = TARPLinear(9, 6, rank=3, variant=variant, scale_weight=True, init="paper")
-    x = torch.randn(4, 9)
+    torch.manual_seed(3)
+    in_f, out_f = (9, 6) if variant == "bilinear" else (20, 12)  # kronecker: multiples of n = 4
+    layer = TARPLinear(in_f, out_f, rank=3, variant=variant, scale_weight=True, init="paper")
+    if variant == "kronecker":
+        with torch.no_grad():
+            for p in (layer.tarp_H, layer.tarp_KU, layer.tarp_KV):
+                p.normal_(0.0, 0.5)  # a delta well above float32 rounding
+    x = torch.randn(4, in_f)
     before_w = layer.weight.detach().clone()
+    want_w = _kron_direct(layer) if variant == "kronecker" else None
     y = layer(x)
     layer.merge()
     assert layer.merged
+    if want_w is not None:  # the merged weight is W ⊙ scale + Σ_i H_i ⊗ (U_i V_i), computed independently
+        torch.testing.assert_close(layer.weight.double(), want_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(F.linear(x, layer.weight, layer.bias), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="already merged"):

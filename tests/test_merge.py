@@ -58,6 +58,26 @@ def test_merge_and_unload_loads_with_the_plain_class(family, kw, tmp_path):
         torch.testing.assert_close(plain.eval()(ids).logits, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_merge_and_unload_folds_the_kronecker_delta_exactly(family):
+    """The merged weight of every layer is W ⊙ softplus(P Q + c) + Σ_i H_i ⊗ (U_i V_i), computed in
+    float64 with torch.kron (GPT-2: written through the Conv1D's transposed [in, out] layout)."""
+    import torch.nn.functional as F
+
+    model = _trained(family, variant="kronecker", scale_weight=True)
+    want = {}
+    for name, layer in tarp_layers(model).items():
+        names = ("tarp_H", "tarp_KU", "tarp_KV", "tarp_P", "tarp_Q")
+        H, U, V, P, Q = (getattr(layer, n).detach().double() for n in names)
+        w = layer.linear_weight.detach().double() * F.softplus(P @ Q + layer.scale_offset)
+        want[name] = w + layer.scaling * sum(torch.kron(H[i], U[i] @ V[i]) for i in range(4))
+    tarp_fast.merge_and_unload(model)
+    for name, w in want.items():
+        module = model.get_submodule(name)
+        got = module.weight.t() if family == "gpt2" else module.weight  # Conv1D stores [in, out]
+        torch.testing.assert_close(got.detach().double(), w, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_merge_and_unload_refuses_dynamic_multitask_and_leaves_the_model_alone():
     model = _trained("gpt2")  # dynamic (the default)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -190,6 +190,60 @@ def test_merge_and_unload_static_variants(variant):
     assert torch.equal(_logits(unloaded, data), _logits(tiny_model("llama"), data))
 
 
+def test_kronecker_peft_layer_is_the_papers_form_and_matches_tarplinear():
+    """The PEFT layer holds H/KU/KV (not U/V), initializes them as TARPLinear does, and its output
+    and merge are TARPLinear's for the same factors."""
+    from tarp_fast import TARPLinear
+
+    torch.manual_seed(0)
+    zero = get_peft_model(tiny_model("llama"), TarpConfig(r=2, variant="kronecker", scale_weight=True)).eval()
+    data = batch("llama")
+    torch.testing.assert_close(_logits(zero, data), _logits(tiny_model("llama"), data), rtol=1e-6, atol=1e-6)
+    model = _peft("llama", variant="kronecker", scale_weight=True, scaling=0.5)
+    layer = next(m for m in model.modules() if isinstance(m, TarpLayer))
+    f = layer._factors("default")
+    K, N = layer.in_features, layer.out_features
+    assert {k: tuple(v.shape) for k, v in f.items()} == {
+        "tarp_H": (4, 4, 4), "tarp_KU": (4, N // 4, 2), "tarp_KV": (4, 2, K // 4), "tarp_P": (N, 2), "tarp_Q": (2, K)}
+    ref = TARPLinear.from_module(layer.get_base_layer(), rank=2, variant="kronecker", scale_weight=True, scaling=0.5)
+    with torch.no_grad():
+        for n, v in f.items():
+            getattr(ref, n).copy_(v)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), ref(x), rtol=1e-6, atol=1e-6)
+        y = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer.get_base_layer()(x), y, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+
+
+def test_kronecker_needs_sizes_divisible_by_n():
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 10)  # 10 is not a multiple of 4
+
+        def forward(self, x):
+            return self.proj(x)
+
+    with pytest.raises(ValueError, match="TarpLayer: variant='kronecker' needs argument 'out_features' to be a "
+                                         "multiple of n=4 .* got out_features=10"):
+        get_peft_model(Net(), TarpConfig(r=2, variant="kronecker", target_modules=["proj"]))
+
+
+def test_old_kronecker_adapter_is_refused_by_peft(tmp_path):
+    """A PEFT-saved kronecker adapter of the former form (tarp_A/tarp_B) fails with the reason."""
+    from test_adapter import _to_old_kronecker_form, resign
+
+    _peft("llama", variant="kronecker").save_pretrained(str(tmp_path))
+    resign(tmp_path, _to_old_kronecker_form)
+    with pytest.raises(ValueError, match="tarp_A, .*tarp_B: factors of the former kronecker form"):
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+
+
 def test_dynamic_merge_is_refused_and_changes_nothing():
     model, data = _peft("gpt2"), batch("gpt2")
     expected = _logits(model, data)

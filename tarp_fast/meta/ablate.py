@@ -5,7 +5,7 @@ Rows (:data:`ROWS`), each fine-tuned on the held-out domains with the same recip
 =======================  =====================================================================
 ``bilinear``             ``W + U V`` (LoRA's form), TARP layers
 ``bilinear+hadamard``    ``W ⊙ softplus(P Q + c) + U V`` (``scale_weight=True``)
-``kronecker``            ``W + Σ_i A_i ⊗ B_i``
+``kronecker``            ``W + Σ_{i=1..4} H_i ⊗ (U_i V_i)`` (the paper's form, rank-r blocks)
 ``kronecker+hadamard``   with the Hadamard term
 ``dynamic``              ``W + U S(x) V`` (the input-dependent core)
 ``dynamic+hadamard``     with the Hadamard term
@@ -23,7 +23,11 @@ under ``not_run``.
 **Parameter budgets.** Each adapter row gets the rank whose trainable adapter parameters are
 closest to the budget (default: the ``bilinear`` row at ``cfg.rank``; the Hadamard term's
 ``scale_rank`` equals the rank); the ranks and counts are in the output (``ranks``,
-``parameters``) and printed.
+``parameters``) and printed. Per ``[N, K]`` layer at rank ``r`` (:func:`layer_parameter_count`):
+``bilinear`` ``r (N + K)``, ``kronecker`` ``n³ + r (N + K)`` (``n = 4``: ``H`` is ``[n, n, n]``,
+the ``U_i``/``V_i`` together ``[N, r]``/``[r, K]``), ``dynamic`` ``r (N + K) + r² K``, and the
+Hadamard term adds ``r (N + K)``. So at equal budget the ``kronecker`` row's rank is the
+``bilinear`` one's or a little lower (its ``n³`` per layer are taken from ``U``/``V``).
 
 **Seeds** vary the base's pretraining, the adapter initialization, the preparation's task
 batches and the fine-tuning batches' order (as in :mod:`tarp_fast.meta.bench`). Per row: the
@@ -46,7 +50,7 @@ import torch.nn as nn
 from .. import mark_only_tarp_trainable, patch_model, tarp_parameters
 from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler
-from ..nn.linear import TARPLinear
+from ..nn.linear import KRONECKER_N, TARPLinear, kronecker_factor_shapes
 from ..patch import tarp_layers
 from .bench import BenchConfig, _dedup_eval, _seed_init, kronecker_batches, pretrained_base
 from .finetune import finetune
@@ -54,8 +58,8 @@ from .models import count_parameters
 from .prepare import PrepConfig, prepare
 from .stats import bootstrap_ci, censored_steps, curve_auc, median
 
-__all__ = ["ROWS", "NOT_RUN", "adapter_parameter_count", "matched_ranks", "run_ablation", "format_ablation",
-           "plot_ablation"]
+__all__ = ["ROWS", "NOT_RUN", "adapter_parameter_count", "layer_parameter_count", "matched_ranks", "run_ablation",
+           "format_ablation", "plot_ablation"]
 
 #: ``(key, kind, variant, scale_weight)``
 ROWS = (("bilinear", "tarp", "bilinear", False), ("bilinear+hadamard", "tarp", "bilinear", True),
@@ -73,8 +77,36 @@ def _layer_shapes(base: nn.Module) -> list[tuple[int, int]]:
     return [(layer.in_features, layer.out_features) for layer in tarp_layers(m).values()]
 
 
+def layer_parameter_count(in_features: int, out_features: int, variant: str, rank: int, scale_weight: bool) -> int:
+    """Trainable TARP parameters of one ``[N, K] = [out_features, in_features]`` layer at rank ``r``
+    (``scale_rank = r``), in closed form::
+
+        bilinear   r (N + K)                U [N, r], V [r, K]
+        dynamic    r (N + K) + r² K         and G [r², K]
+        kronecker  n³ + r (N + K)           H [n, n, n], U_i [N/n, r] and V_i [r, K/n] for i = 1..n
+        + hadamard r (N + K)                P [N, r], Q [r, K]
+
+    ``n = KRONECKER_N = 4``. :func:`adapter_parameter_count` counts the real layers' parameters;
+    the tests hold the two equal.
+    """
+    N, K, r = out_features, in_features, rank
+    if variant == "kronecker":
+        kronecker_factor_shapes(K, N, r, who="layer_parameter_count")  # the divisibility ValueError
+        n = KRONECKER_N
+        count = n**3 + r * (N + K)
+    elif variant == "bilinear":
+        count = r * (N + K)
+    elif variant == "dynamic":
+        count = r * (N + K) + r * r * K
+    else:
+        raise ValueError(f"layer_parameter_count: argument 'variant' must be one of dynamic, bilinear, kronecker, "
+                         f"got {variant!r}")
+    return count + (r * (N + K) if scale_weight else 0)
+
+
 def adapter_parameter_count(shapes: Sequence[tuple[int, int]], variant: str, rank: int, scale_weight: bool) -> int:
-    """Trainable TARP parameters of layers of ``shapes`` (built on the meta device: no memory)."""
+    """Trainable TARP parameters of layers of ``shapes`` (``(in, out)`` pairs), counted on real
+    layers built on the meta device (no memory); :func:`layer_parameter_count` is the formula."""
     total = 0
     with torch.device("meta"):
         for k, n in shapes:

@@ -5,18 +5,37 @@ keys) and adds adapter parameters, all named ``tarp_*``::
 
     variant="dynamic"   y = W x + b + scaling · U (S(x) V x),  S(x) = reshape(G x, (r, r))
     variant="bilinear"  y = W x + b + scaling · U V x          (Σ = I: a LoRA-shaped delta)
-    variant="kronecker" y = (W + scaling · Σ_i A_i ⊗ B_i) x + b  (delta materialized, r terms)
+    variant="kronecker" y = (W + scaling · Σ_{i=1..n} H_i ⊗ (U_i V_i)) x + b  (n = 4, delta materialized)
 
 ``scale_weight=True`` adds the multiplicative term: ``W ← W ⊙ softplus(P Q + scale_offset)``.
 Parameters: ``tarp_U [N, r]``, ``tarp_V [r, K]``, ``tarp_G [r*r, K]`` (dynamic),
-``tarp_A [r, n1, k1]``, ``tarp_B [r, n2, k2]`` (kronecker, ``N = n1 n2``, ``K = k1 k2``),
+``tarp_H [n, n, n]``, ``tarp_KU [n, N/n, r]``, ``tarp_KV [n, r, K/n]`` (kronecker, see below),
 ``tarp_P [N, q]``, ``tarp_Q [q, K]``; with ``num_tasks = T > 1`` the dynamic/bilinear and
 multiplicative factors get a leading ``T`` (every task starts from the same values).
 
+**Kronecker** (the paper's form, as in Compacter's parameterized hypercomplex layers)::
+
+    ΔW = Σ_{i=1..n} H_i ⊗ (U_i V_i),   H_i ∈ R^{n×n},  U_i ∈ R^{(N/n)×r},  V_i ∈ R^{r×(K/n)}
+
+with ``n = KRONECKER_N = 4``: ``ΔW`` is an ``n × n`` grid of ``(N/n) × (K/n)`` blocks, block
+``(a, b)`` being ``Σ_i H_i[a, b] U_i V_i`` (rank ≤ ``n r``). ``H_i`` is ``tarp_H[i]``, ``U_i``
+``tarp_KU[i]`` and ``V_i`` ``tarp_KV[i]`` (not ``tarp_U``/``tarp_V``: those names mean the
+bilinear/dynamic ``[N, r]``/``[r, K]`` factors to every consumer that dispatches on names). The
+delta has ``n³ + r (N + K)`` parameters. ``N`` and ``K`` must be multiples of ``n``
+(``ValueError`` otherwise: there is no padding fallback, because a padded delta would not fold into
+the ``[N, K]`` weight exactly). Before this form, ``kronecker`` meant ``Σ_i A_i ⊗ B_i`` with factors
+``tarp_A``/``tarp_B``; state dicts and adapters holding those are refused with a ``ValueError``
+(:func:`old_kronecker_form_message`), never loaded into the new factors.
+
 Initialization:
 
-* ``init="zero_delta"`` (default): ``U = 0``, ``A = 0`` and ``P = 0`` so the layer equals its
-  base exactly; ``V``, ``G``, ``B`` and ``Q`` are random so gradients flow from the first step.
+* ``init="zero_delta"`` (default): ``U = 0``, ``KU = 0`` and ``P = 0`` so the layer equals its
+  base exactly; ``V``, ``G``, ``H``, ``KV`` and ``Q`` are random. The zero factor of a product
+  gets a gradient at the first step and the other factors from the second on, as with LoRA's zero
+  ``B``. For kronecker the zero factor is ``KU`` (each ``U_i`` is the output-side factor, like
+  LoRA's ``B``): its first gradient ``Σ_b H_i[a, b] G_ab V_iᵀ`` (``G_ab`` the output gradient's
+  blocks) differs per block row and per term, whereas a zero ``H`` would get only ``n³`` scalars
+  ``<G_ab, U_i V_i>`` and leave every ``U_i``, ``V_i`` still until ``H`` moved.
 * ``init="paper"``: our reading of the released MLtD code: every factor ``N(0, 0.02²)`` and
   ``scale_offset = 0`` (multiplicative scale ≈ 0.69 at init). The layer does *not* equal its
   base at init.
@@ -35,18 +54,84 @@ from .. import ops
 from .._contract import DEFAULT_SCALE_OFFSET
 from .context import routed_context
 
-__all__ = ["TARPLinear", "VARIANTS", "INITS", "TARP_PARAM_PREFIX"]
+__all__ = ["TARPLinear", "VARIANTS", "INITS", "TARP_PARAM_PREFIX", "KRONECKER_N", "KRONECKER_FACTORS",
+           "kronecker_factor_shapes", "kronecker_delta", "old_kronecker_form_message"]
 
 VARIANTS = ("dynamic", "bilinear", "kronecker")
 INITS = ("zero_delta", "paper")
 TARP_PARAM_PREFIX = "tarp_"
 PAPER_INIT_STD = 0.02
+#: ``n`` of the Kronecker variant: the number of terms and the size of each ``H_i`` (the paper's 4)
+KRONECKER_N = 4
+#: the Kronecker variant's factor names, in order (``H``, ``U_i`` stacked, ``V_i`` stacked)
+KRONECKER_FACTORS = ("tarp_H", "tarp_KU", "tarp_KV")
+#: the factors of the former Kronecker form ``Σ_i A_i ⊗ B_i`` (refused on load)
+OLD_KRONECKER_FACTORS = ("tarp_A", "tarp_B")
 
 
-def _balanced_split(n: int) -> tuple:
-    """``n = a · b`` with ``a`` the largest divisor of ``n`` not above ``sqrt(n)``."""
-    a = max(d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0)
-    return a, n // a
+def kronecker_factor_shapes(in_features: int, out_features: int, rank: int, *, who: str = "TARPLinear") -> dict:
+    """Shapes of the Kronecker factors of an ``[N, K] = [out_features, in_features]`` layer::
+
+        tarp_H  [n, n, n]      H_i = tarp_H[i]
+        tarp_KU [n, N/n, r]    U_i = tarp_KU[i]
+        tarp_KV [n, r, K/n]    V_i = tarp_KV[i]
+
+    ``n = KRONECKER_N``: ``n³ + r (N + K)`` parameters. Raises ``ValueError`` (prefixed ``who``)
+    naming the argument, its value and the requirement when ``N`` or ``K`` is not a multiple of
+    ``n``.
+    """
+    n = KRONECKER_N
+    for arg, size in (("in_features", in_features), ("out_features", out_features)):
+        if size % n:
+            raise ValueError(
+                f"{who}: variant='kronecker' needs argument '{arg}' to be a multiple of n={n} (ΔW = Σ_i H_i ⊗ "
+                f"(U_i V_i) is an n×n grid of blocks of size (out_features/n)×(in_features/n)), got {arg}={size}. "
+                "Use variant='bilinear' (also mergeable) for this layer, or leave it out of the targets")
+    return {"tarp_H": (n, n, n), "tarp_KU": (n, out_features // n, rank), "tarp_KV": (n, rank, in_features // n)}
+
+
+def kronecker_delta(H: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``ΔW = Σ_i H_i ⊗ (U_i V_i)``, materialized.
+
+    ``H [..., n, n, n]``, ``U [..., n, N/n, r]``, ``V [..., n, r, K/n]`` with the same leading
+    shape (e.g. ``[T]`` per-task copies) -> ``[..., N, K]``. Entry ``(a·N/n + c, b·K/n + d)`` is
+    ``Σ_i H_i[a, b] (U_i V_i)[c, d]``: the einsum below sums over ``i`` and lays the blocks out
+    row-major, which is exactly ``Σ_i torch.kron(H_i, U_i @ V_i)``.
+    """
+    M = U @ V  # [..., n, N/n, K/n]: the n low-rank blocks
+    n, bn, bk = M.shape[-3], M.shape[-2], M.shape[-1]
+    delta = torch.einsum("...iab,...icd->...acbd", H, M)  # [..., n(a), N/n(c), n(b), K/n(d)]
+    return delta.reshape(*delta.shape[:-4], n * bn, n * bk)
+
+
+def old_kronecker_form_message(where: str, keys) -> str:
+    """The error for ``keys``, factors of the former Kronecker form (``tarp_A``/``tarp_B``), found in ``where``."""
+    return (f"{where} holds {', '.join(keys)}: factors of the former kronecker form ΔW = Σ_i A_i ⊗ B_i. The "
+            f"kronecker variant changed to the paper's ΔW = Σ_i H_i ⊗ (U_i V_i) with n={KRONECKER_N} (factors "
+            f"{', '.join(KRONECKER_FACTORS)}), which cannot represent the old delta, so they are not loaded. "
+            "Load them with the tarp-fast version that saved them (an adapter's adapter_config.json records it as "
+            "tarp_fast_version) and fold them into the base (tarp_fast.merge_and_unload), or train/prepare a new "
+            "kronecker adapter")
+
+
+@torch.no_grad()
+def init_kronecker_factor_(name: str, t: torch.Tensor, init: str) -> None:
+    """Initialize one Kronecker factor in place (shared with the PEFT layer).
+
+    ``"paper"``: ``N(0, PAPER_INIT_STD²)``. ``"zero_delta"``: ``KU = 0`` (ΔW = 0); ``H ~ N(0, 1/n)``
+    so each block ``Σ_i H_i[a, b] U_i V_i`` has about the variance of one ``U_i V_i``; each ``V_i``
+    gets LoRA's ``A`` initialization with its own fan-in ``K/n``.
+    """
+    if init == "paper":
+        t.normal_(0.0, PAPER_INIT_STD)
+    elif name == "tarp_KU":
+        t.zero_()
+    elif name == "tarp_H":
+        t.normal_(0.0, 1.0 / math.sqrt(KRONECKER_N))
+    elif name == "tarp_KV":
+        nn.init.kaiming_uniform_(t.view(-1, t.shape[-1]), a=math.sqrt(5))  # rows of V_i: fan-in K/n
+    else:
+        raise ValueError(f"init_kronecker_factor_: argument 'name' must be one of {KRONECKER_FACTORS}, got {name!r}")
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -59,9 +144,10 @@ class TARPLinear(nn.Linear):
 
     Args:
         in_features, out_features, bias, device, dtype: as ``nn.Linear``.
-        rank: ``r``, the rank of ``U``/``V`` (and ``S`` is ``r × r``), or the number of
-            Kronecker terms.
-        variant: ``"dynamic" | "bilinear" | "kronecker"``.
+        rank: ``r``, the rank of ``U``/``V`` (and ``S`` is ``r × r``), or, for ``kronecker``, of
+            each ``U_i``/``V_i`` (``U_i V_i`` is a rank-``r`` block).
+        variant: ``"dynamic" | "bilinear" | "kronecker"`` (``kronecker``: ``in_features`` and
+            ``out_features`` must be multiples of :data:`KRONECKER_N`, else ``ValueError``).
         scale_weight: add the multiplicative term ``softplus(P Q + scale_offset)``.
         scale_rank: ``q``, the rank of ``P``/``Q`` (default: ``rank``).
         scaling: multiplies the additive delta.
@@ -97,6 +183,8 @@ class TARPLinear(nn.Linear):
         dtype=None,
     ):
         _check_config(rank, variant, scale_rank, scaling, num_tasks, init)
+        if variant == "kronecker":
+            kronecker_factor_shapes(in_features, out_features, rank)  # the divisibility error, before allocating
         self.rank = int(rank)
         self.variant = variant
         self.scale_weight = bool(scale_weight)
@@ -123,10 +211,9 @@ class TARPLinear(nn.Linear):
             self.tarp_V = nn.Parameter(torch.empty(*lead, r, K, **kw))
         if self.variant == "dynamic":
             self.tarp_G = nn.Parameter(torch.empty(*lead, r * r, K, **kw))
-        if self.variant == "kronecker":
-            (n1, n2), (k1, k2) = _balanced_split(N), _balanced_split(K)
-            self.tarp_A = nn.Parameter(torch.empty(r, n1, k1, **kw))
-            self.tarp_B = nn.Parameter(torch.empty(r, n2, k2, **kw))
+        if self.variant == "kronecker":  # single-task only (_check_config): no leading T
+            for name, shape in kronecker_factor_shapes(K, N, r).items():
+                setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
         if self.scale_weight:
             self.tarp_P = nn.Parameter(torch.empty(*lead, N, q, **kw))
             self.tarp_Q = nn.Parameter(torch.empty(*lead, q, K, **kw))
@@ -141,18 +228,33 @@ class TARPLinear(nn.Linear):
         """(Re-)initialize the adapter factors per ``self.init`` (every task identically)."""
         K, r = self.in_features, self.rank
         for name, p in self.tarp_named_parameters():
-            one = p[0] if (self.num_tasks > 1 and name not in ("tarp_A", "tarp_B")) else p
-            if self.init == "paper":
+            # Kronecker factors never carry a task dimension in the layer (single-task only; the
+            # per-task copies of batched preparation live outside it)
+            one = p[0] if (self.num_tasks > 1 and name not in KRONECKER_FACTORS) else p
+            if name in KRONECKER_FACTORS:
+                init_kronecker_factor_(name, one, self.init)
+            elif self.init == "paper":
                 one.normal_(0.0, PAPER_INIT_STD)
-            elif name in ("tarp_U", "tarp_A", "tarp_P"):
+            elif name in ("tarp_U", "tarp_P"):
                 one.zero_()  # the zero factor makes the layer equal its base at init
             elif name == "tarp_G":
                 # S = G x has entries of the size of h = V x / sqrt(r): z = S h keeps h's scale.
                 one.normal_(0.0, 1.0 / math.sqrt(K * r))
-            else:  # V, B, Q: the LoRA "A" initialization
+            else:  # V, Q: the LoRA "A" initialization
                 nn.init.kaiming_uniform_(one.view(one.shape[0], -1) if one.dim() > 2 else one, a=math.sqrt(5))
             if one is not p:
                 p.copy_(one.unsqueeze(0).expand_as(p))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A state dict of the former kronecker form must not load silently wrong: non-strict loading
+        # would keep the fresh H/KU/KV and drop tarp_A/tarp_B without a word.
+        if self.variant == "kronecker":
+            old = [prefix + n for n in OLD_KRONECKER_FACTORS if prefix + n in state_dict]
+            if old:
+                raise ValueError(old_kronecker_form_message("TARPLinear.load_state_dict: the state dict", old))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def tarp_named_parameters(self):
         """``(name, parameter)`` of the adapter factors only (names start with ``tarp_``)."""
@@ -216,12 +318,11 @@ class TARPLinear(nn.Linear):
 
     # ---- forward ------------------------------------------------------------------------------
     def _effective_weight(self) -> torch.Tensor:
-        """Kronecker: ``W ⊙ scale + scaling Σ_i A_i ⊗ B_i`` materialized (``[N, K]``)."""
+        """Kronecker: ``W ⊙ softplus(P Q + offset) + scaling Σ_i H_i ⊗ (U_i V_i)`` materialized (``[N, K]``)."""
         w = self.linear_weight
         if self.scale_weight:
             w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)
-        kron = torch.einsum("rab,rcd->acbd", self.tarp_A, self.tarp_B).reshape(self.out_features, self.in_features)
-        return w + self.scaling * kron
+        return w + self.scaling * kronecker_delta(self.tarp_H, self.tarp_KU, self.tarp_KV)
 
     def forward(self, x, *, task_index=None, gate=None, skip_gate=None, residual=None):
         if isinstance(task_index, torch.Tensor):
@@ -265,15 +366,14 @@ class TARPLinear(nn.Linear):
 
     def _kronecker_per_task(self, x: torch.Tensor, task_index: torch.Tensor, common: dict) -> torch.Tensor:
         """A Kronecker layer with several tasks: one dense weight per task, each row computed with
-        its task's. The factors may carry a leading task dimension (the stacked per-task copies of
-        batched preparation, ``A [T, r, n1, k1]``, and per-task ``P``/``Q``) or be shared."""
-        T, N, K = self.num_tasks, self.out_features, self.in_features
-        A, B = self.tarp_A, self.tarp_B
-        if A.dim() == 3:
-            A = A.unsqueeze(0).expand(T, *A.shape)
-        if B.dim() == 3:
-            B = B.unsqueeze(0).expand(T, *B.shape)
-        kron = torch.einsum("trab,trcd->tacbd", A, B).reshape(T, N, K)
+        its task's. Each factor may carry a leading task dimension (the stacked per-task copies of
+        batched preparation: ``H [T, n, n, n]``, ``KU [T, n, N/n, r]``, ``KV [T, n, r, K/n]``,
+        ``P [T, N, q]``, ``Q [T, q, K]``) or be shared by the tasks (no leading ``T``)."""
+        T = self.num_tasks
+        # Shared factors are expanded (a view, no copy) so kronecker_delta sees one leading [T].
+        H, U, V = (f if f.dim() == 4 else f.unsqueeze(0).expand(T, *f.shape)
+                   for f in (self.tarp_H, self.tarp_KU, self.tarp_KV))
+        kron = kronecker_delta(H, U, V)  # [T, N, K]
         w = self.linear_weight
         if self.scale_weight:
             w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)  # [N, K] or [T, N, K]

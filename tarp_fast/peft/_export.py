@@ -22,7 +22,8 @@ __all__ = ["export_lora"]
 _WHY = {
     "dynamic": "its delta U·S(x)·V·x depends on the input x through S(x) = reshape(G·x, (r, r)), computed per "
                "token, which LoRA's fixed delta B·A cannot express",
-    "kronecker": "its delta Σ_i A_i ⊗ B_i is a sum of Kronecker products, not a rank-r product B·A",
+    "kronecker": "its delta Σ_i H_i ⊗ (U_i V_i) is a sum of Kronecker products (an n×n grid of blocks, each a "
+                 "different mix of the n low-rank terms), not one rank-r product B·A",
     "scale_weight": "its multiplicative term W ⊙ softplus(P·Q + offset) rescales the base weight, which LoRA's "
                     "additive delta cannot express",
     "num_tasks": "it holds one delta per task (num_tasks > 1); export one task's adapter",

@@ -6,7 +6,7 @@ Design (see also the package docstring):
 * **Layer.** :class:`TarpLayer` wraps the targeted ``nn.Linear`` / GPT-2 ``Conv1D`` as
   ``base_layer`` (PEFT's convention: base keys become ``<module>.base_layer.weight``) and holds
   every adapter's factors in ``ParameterDict``\\ s named like :class:`~tarp_fast.TARPLinear`'s
-  parameters (``tarp_U``, ``tarp_V``, ``tarp_G``, ``tarp_A``, ``tarp_B``, ``tarp_P``,
+  parameters (``tarp_U``, ``tarp_V``, ``tarp_G``, ``tarp_H``, ``tarp_KU``, ``tarp_KV``, ``tarp_P``,
   ``tarp_Q``), keyed by adapter name. PEFT's saved key of ``<module>.tarp_U.<adapter>`` is
   ``base_model.model.<module>.tarp_U``: the tensor name :func:`tarp_fast.save_adapter` writes for
   the same layer, so both paths write one format. It computes through
@@ -54,7 +54,16 @@ from .. import adapter as _adapter
 from .. import ops
 from .._contract import DEFAULT_SCALE_OFFSET
 from ..nn import context as _context
-from ..nn.linear import INITS, PAPER_INIT_STD, VARIANTS, _balanced_split, _is_conv1d
+from ..nn.linear import (
+    INITS,
+    KRONECKER_FACTORS,
+    PAPER_INIT_STD,
+    VARIANTS,
+    _is_conv1d,
+    init_kronecker_factor_,
+    kronecker_delta,
+    kronecker_factor_shapes,
+)
 from ..patch import _target_predicate
 
 __all__ = ["TarpConfig", "TarpModel", "TarpLayer", "register", "set_backend", "BASE_ADAPTER", "PEFT_TYPE",
@@ -62,7 +71,7 @@ __all__ = ["TarpConfig", "TarpModel", "TarpLayer", "register", "set_backend", "B
 
 #: the name that selects the base model (no delta) in ``adapter_names``, as in PEFT
 BASE_ADAPTER = "__base__"
-_FACTORS = ("tarp_U", "tarp_V", "tarp_G", "tarp_A", "tarp_B", "tarp_P", "tarp_Q")
+_FACTORS = ("tarp_U", "tarp_V", "tarp_G", *KRONECKER_FACTORS, "tarp_P", "tarp_Q")
 _RECORD_FIELDS = ("format", "format_version", "tarp_fast_version", "model", "layers", "tensors", "extra",
                   "safetensors_sha256")
 
@@ -87,7 +96,9 @@ class TarpConfig(PeftConfig):
     """Configuration of a TARP adapter (PEFT method ``"TARP"``).
 
     Args:
-        r: rank of ``U``/``V`` (``S(x)`` is ``r × r``), or the number of Kronecker terms.
+        r: rank of ``U``/``V`` (``S(x)`` is ``r × r``), or of each Kronecker block ``U_i V_i``
+            (``kronecker``: ``ΔW = Σ_{i=1..4} H_i ⊗ (U_i V_i)``; every targeted layer's in and out
+            features must be multiples of 4).
         variant: ``"dynamic"`` (``U S(x) V x``), ``"bilinear"`` (``U V x``, LoRA-shaped, mergeable,
             exportable with :func:`tarp_fast.peft.export_lora`) or ``"kronecker"`` (mergeable).
         scale_weight: add the multiplicative term ``W ⊙ softplus(P Q + offset)``.
@@ -105,7 +116,7 @@ class TarpConfig(PeftConfig):
     layers with their saved settings.
     """
 
-    r: int = field(default=8, metadata={"help": "rank of U/V (or number of Kronecker terms)"})
+    r: int = field(default=8, metadata={"help": "rank of U/V (or of each Kronecker block U_i V_i)"})
     variant: str = field(default="dynamic", metadata={"help": "dynamic | bilinear | kronecker"})
     scale_weight: bool = field(default=False, metadata={"help": "add the multiplicative term softplus(PQ+offset)"})
     scale_rank: Optional[int] = field(default=None, metadata={"help": "rank of P/Q (default r)"})
@@ -501,11 +512,11 @@ def _stackable(settings: list) -> bool:
 
 
 def _effective_weight(w: torch.Tensor, s: dict, f: dict) -> torch.Tensor:
-    """``W ⊙ softplus(P Q + offset) + scaling · Δ`` for a static adapter (Δ = U V or Σ A_i ⊗ B_i)."""
+    """``W ⊙ softplus(P Q + offset) + scaling · Δ`` for a static adapter (Δ = U V or Σ_i H_i ⊗ (U_i V_i))."""
     if s["scale_weight"]:
         w = w * F.softplus(f["tarp_P"] @ f["tarp_Q"] + s["scale_offset"])
     if s["variant"] == "kronecker":
-        delta = torch.einsum("rab,rcd->acbd", f["tarp_A"], f["tarp_B"]).reshape(w.shape)
+        delta = kronecker_delta(f["tarp_H"], f["tarp_KU"], f["tarp_KV"])
     else:
         delta = f["tarp_U"] @ f["tarp_V"]
     return w + s["scaling"] * delta
@@ -520,9 +531,8 @@ def _init_factors(s: dict, device, dtype) -> dict:
         shapes.update(tarp_U=(N, r), tarp_V=(r, K))
     if s["variant"] == "dynamic":
         shapes["tarp_G"] = (r * r, K)
-    if s["variant"] == "kronecker":
-        (n1, n2), (k1, k2) = _balanced_split(N), _balanced_split(K)
-        shapes.update(tarp_A=(r, n1, k1), tarp_B=(r, n2, k2))
+    if s["variant"] == "kronecker":  # ValueError naming in/out_features when not multiples of n
+        shapes.update(kronecker_factor_shapes(K, N, r, who="TarpLayer"))
     if s["scale_weight"]:
         shapes.update(tarp_P=(N, q), tarp_Q=(q, K))
     out = {}
@@ -530,9 +540,11 @@ def _init_factors(s: dict, device, dtype) -> dict:
         for name, shape in shapes.items():
             t = torch.empty(shape, **kw)
             if t.device.type != "meta":
-                if s["init"] == "paper":
+                if name in KRONECKER_FACTORS:
+                    init_kronecker_factor_(name, t, s["init"])
+                elif s["init"] == "paper":
                     t.normal_(0.0, PAPER_INIT_STD)
-                elif name in ("tarp_U", "tarp_A", "tarp_P"):
+                elif name in ("tarp_U", "tarp_P"):
                     t.zero_()
                 elif name == "tarp_G":
                     t.normal_(0.0, 1.0 / math.sqrt(K * r))
