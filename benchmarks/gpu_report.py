@@ -397,7 +397,9 @@ def section_providers(ctx: Ctx):
 def section_dx(ctx: Ctx):
     """The backward op alone, both dx designs; the first call of each also checks its gradients."""
     from tarp_fast.kernels import use_dx_design
-    from tarp_fast.kernels._ops import triton_tarp_bwd, triton_tarp_fwd
+    from tarp_fast.kernels._custom_ops import triton_tarp_bwd, triton_tarp_fwd
+
+    from tarp_fast._contract import Needs
 
     rep = ctx.report
     wins = {}
@@ -419,8 +421,8 @@ def section_dx(ctx: Ctx):
                 if chk is not None:
                     rep.row(section="dx", case=f"r={r}", provider=design, mode="check (float64)", ok=ok, checked=True,
                             errors=chk["errors"], worst=chk["worst"])
-                for what, needs in (("dx only", [True, False, False, False, False, False, False, False]),
-                                    ("bwd x,U,V,G", [True, False, False, True, True, True, False, False])):
+                for what, needs in (("dx only", list(Needs(x=True))),
+                                    ("bwd x,U,V,G", list(Needs(x=True, U=True, V=True, G=True)))):
                     def timed(needs=needs, a=bwd_args):
                         return ctx.bench(lambda: triton_tarp_bwd(*a, needs))
 

@@ -110,7 +110,8 @@ def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Inputs:
     )
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max(|ref|_inf, 1e-6) in float64; inf when ``out`` is not all finite."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     if not bool(torch.isfinite(out).all()):
         return math.inf
@@ -192,7 +193,7 @@ def build(provider: str, mode: str, shape: Shape, device, dtype) -> Callable[[],
         expected = reference.tarp_linear(*(_float64(t) for t in (x, inp.weight, inp.bias, U, V, G)), **kw)
 
     out = forward()
-    err = _rel_err(out, expected)
+    err = rel_err(out, expected)
     if err > tolerance(dtype):
         raise AssertionError(f"{provider} {mode} disagrees with float64: rel err {err:.2e} > {tolerance(dtype):.0e}")
 

@@ -22,13 +22,13 @@ speedup over the reference that any implementation on the same BLAS could show a
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
 
 import pytest
 import torch
+from harness import rel_err
 
 from tarp_fast import reference
 
@@ -123,13 +123,6 @@ def _step(fn, inp, train, flags=None):
     return run
 
 
-def _rel(a, b):
-    a, b = a.detach().double(), b.detach().double()
-    if not bool(torch.isfinite(a).all()):
-        return math.inf
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-
-
 def _check(shape, train, flags=None, layout=None):
     """Native (float32) vs the float64 reference: output and every gradient."""
     inp = _inputs(shape, **(layout or {}))
@@ -139,7 +132,7 @@ def _check(shape, train, flags=None, layout=None):
     y64, grads64 = _step(reference.tarp_linear, inp64, train, flags64)()
     names = ("dx", "dU", "dV", "dG") + tuple(f"d{k}" for k in ("P", "Q") if k in inp) + ("dgate", "dskip_gate")
     for name, a, b in [("out", y, y64)] + list(zip(names, grads, grads64)):
-        err = _rel(a, b)
+        err = rel_err(a, b)
         assert err <= TOL, f"native {name} disagrees with float64 at {shape}: rel err {err:.2e} > {TOL:.0e}"
 
 

@@ -467,267 +467,311 @@ Tensor reduce_gate_grad(const std::vector<double>& per_row, int64_t kind, const 
   return at::full({}, s, opts);
 }
 
+// Which gradients a backward produces: the NeedBit mask of native_tarp_bwd, decoded once.
+struct Needs {
+  bool x, weight, bias, U, V, G, P, Q, gate, skip;
+
+  static Needs from_mask(int64_t m) {
+    auto on = [m](int64_t bit) { return (m & bit) != 0; };
+    return {on(kNeedX), on(kNeedWeight), on(kNeedBias), on(kNeedU), on(kNeedV),
+            on(kNeedG), on(kNeedP),      on(kNeedQ),     on(kNeedGate), on(kNeedSkip)};
+  }
+};
+
+// One backward call: the (contiguous) inputs, the forward's saved outputs, sizes, gates, the row
+// plan and the gradients asked for. Absent optional tensors are undefined.
 template <typename scalar_t>
-std::vector<Tensor> bwd_impl(const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& U,
-                             const Tensor& V, const Tensor& G, const Tensor& P, const Tensor& Q,
-                             const Tensor& task_index, const Tensor& gate, const Tensor& skip_gate, const Tensor& pre,
-                             const Tensor& proj, const Tensor& scale, double scaling, int64_t num_tasks,
-                             int64_t activation, int64_t gate_kind, double gate_value, int64_t skip_kind,
-                             double skip_value, bool hard_skip, int64_t needs) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const bool multi = task_index.defined();
-  const int64_t T = multi ? num_tasks : 1;
-  const int64_t* task = multi ? task_index.data_ptr<int64_t>() : nullptr;
-  const auto g = make_gate<scalar_t>(gate, gate_kind, gate_value, task);
-  const auto sg = make_gate<scalar_t>(skip_gate, skip_kind, skip_value, task);
-  const RowPlan plan = make_plan<scalar_t>("tarp_fast::native_tarp_bwd", M, T, task, g, hard_skip);
-  const int64_t Mk = plan.Mk;
-  const auto opts = x.options();
-  const Tensor none = at::empty({0}, opts);
-  auto need = [&](int64_t bit) { return (needs & bit) != 0; };
+struct Bwd {
+  Tensor dy, x, weight, U, V, G, P, Q;
+  Tensor pre, proj, scale;  // saved by the forward
+  double scaling;
+  int64_t activation;
+  bool multi, dynamic;
+  int64_t M, K, N, T, r, R;  // R = r + r*r (r when bilinear): the columns of proj
+  const int64_t* task;
+  GateView<scalar_t> g, sg;
+  RowPlan plan;
+  Needs need;
+  at::TensorOptions opts;
 
-  const bool dynamic = G.defined();
-  const int64_t r = U.defined() ? U.size(-1) : 0;
-  const int64_t R = U.defined() ? (dynamic ? r + r * r : r) : 0;
-  const bool need_x = need(kNeedX);
-  const bool need_w = need(kNeedWeight) || need(kNeedP) || need(kNeedQ);
-  const bool need_delta = U.defined() && (need_x || need(kNeedU) || need(kNeedV) || need(kNeedG));
-  const bool need_dpre = need_x || need_w || need(kNeedBias) || need_delta;
-  const bool need_gate = need(kNeedGate) && g.on();
-  const bool need_skip = need(kNeedSkip) && sg.on();
+  // dpre is needed by every gradient but the gates'; the delta pass by dx and the factors'.
+  bool need_w() const {
+    return need.weight || need.P || need.Q;
+  }
+  bool need_delta() const {
+    return U.defined() && (need.x || need.U || need.V || need.G);
+  }
+  bool need_dpre() const {
+    return need.x || need_w() || need.bias || need_delta();
+  }
+  Tensor none() const {
+    return at::empty({0}, opts);
+  }
+};
 
-  const scalar_t* dyp = dy.data_ptr<scalar_t>();
-  const scalar_t* xp = x.data_ptr<scalar_t>();
-  const scalar_t* prp = pre.numel() ? pre.data_ptr<scalar_t>() : nullptr;
-
-  // ---- dpre = gate · act'(pre) ⊙ dy (compact rows), dgate = <dy, act(pre)> ------------------
+// Pass 1: dpre = gate · act'(pre) ⊙ dy on the compact rows (undefined when no gradient reads it)
+// and dgate = <dy, act(pre)> (per row, reduced to the gate's shape; 0 for dropped rows).
+template <typename scalar_t>
+std::pair<Tensor, Tensor> bwd_dpre(const Bwd<scalar_t>& c) {
+  const RowPlan& plan = c.plan;
+  const int64_t M = c.M, N = c.N, Mk = plan.Mk;
+  const bool need_dpre = c.need_dpre();
+  const bool need_gate = c.need.gate && c.g.on();
+  const scalar_t* dyp = c.dy.template data_ptr<scalar_t>();
+  const scalar_t* prp = c.pre.numel() ? c.pre.template data_ptr<scalar_t>() : nullptr;
   Tensor dpre_s;
   std::vector<double> dg_row;
   if (need_gate) dg_row.assign(M, 0.0);  // dropped rows keep 0 (hard_skip: no gate gradient)
   // gelu: act'(pre) ⊙ dy and act(pre) of the computed rows through ATen's vectorized kernels (a
   // scalar tanh per element dominated the whole backward), the gate applied in the row loop
   Tensor gelu_dy, gelu_act;
-  if (activation == kActGeluTanh && (need_dpre || need_gate)) {
-    const Tensor dy_k = plan.identity ? dy : dy.index_select(0, plan.rows_tensor());
-    const Tensor pre_k = plan.identity ? pre : pre.index_select(0, plan.rows_tensor());
+  if (c.activation == kActGeluTanh && (need_dpre || need_gate)) {
+    const Tensor dy_k = plan.identity ? c.dy : c.dy.index_select(0, plan.rows_tensor());
+    const Tensor pre_k = plan.identity ? c.pre : c.pre.index_select(0, plan.rows_tensor());
     if (need_dpre) gelu_dy = at::gelu_backward(dy_k, pre_k, "tanh");
     if (need_gate) gelu_act = at::gelu(pre_k, "tanh");
   }
-  if (need_dpre && plan.identity && activation == kActNone && !g.on()) {
-    dpre_s = dy;  // dpre = dy: no copy
-  } else if (need_dpre && gelu_dy.defined() && !g.on()) {
+  if (need_dpre && plan.identity && c.activation == kActNone && !c.g.on()) {
+    dpre_s = c.dy;  // dpre = dy: no copy
+  } else if (need_dpre && gelu_dy.defined() && !c.g.on()) {
     dpre_s = gelu_dy;  // dpre = gelu'(pre) ⊙ dy, already compact
   } else if (need_dpre) {
-    dpre_s = at::empty({Mk, N}, opts);
+    dpre_s = at::empty({Mk, N}, c.opts);
   }
-  const bool write_dpre = dpre_s.defined() && !dpre_s.is_same(dy) && !dpre_s.is_same(gelu_dy);
+  const bool write_dpre = dpre_s.defined() && !dpre_s.is_same(c.dy) && !dpre_s.is_same(gelu_dy);
   if (need_gate || write_dpre) {
-    scalar_t* dpp = write_dpre ? dpre_s.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gdp = gelu_dy.defined() ? gelu_dy.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gap = gelu_act.defined() ? gelu_act.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dpp = write_dpre ? dpre_s.template data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gdp = gelu_dy.defined() ? gelu_dy.template data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gap = gelu_act.defined() ? gelu_act.template data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, Mk, grain_for(N), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t m = plan.row(i);
         const scalar_t* d = dyp + m * N;
         const scalar_t* p = prp ? prp + m * N : nullptr;
-        const scalar_t gm = g.at(m);
+        const scalar_t gm = c.g.at(m);
         if (dpp) {
           scalar_t* o = dpp + i * N;
           if (gdp) {
             std::copy(gdp + i * N, gdp + (i + 1) * N, o);
           } else {
-            row_act_grad(activation, p, d, o, N);
+            row_act_grad(c.activation, p, d, o, N);
           }
-          if (g.on()) row_scale(o, gm, N);
+          if (c.g.on()) row_scale(o, gm, N);
         }
         if (need_gate)
-          dg_row[m] = gap ? row_dot(d, gap + i * N, N) : row_dot(d, p, N, activation == kActRelu);
+          dg_row[m] = gap ? row_dot(d, gap + i * N, N) : row_dot(d, p, N, c.activation == kActRelu);
       }
     });
   }
-  Tensor dgate = need_gate ? reduce_gate_grad<scalar_t>(dg_row, g.kind, task, T, opts) : none;
+  Tensor dgate = need_gate ? reduce_gate_grad<scalar_t>(dg_row, c.g.kind, c.task, c.T, c.opts) : c.none();
+  return {dpre_s, dgate};
+}
 
-  // ---- dskip_gate = <dy, x> over every row (the skip path also runs on dropped rows) --------
-  Tensor dskip = none;
-  if (need_skip) {
-    std::vector<double> ds_row(M, 0.0);
-    at::parallel_for(0, M, grain_for(N), [&](int64_t b, int64_t e) {
-      for (int64_t m = b; m < e; ++m) {
-        ds_row[m] = row_dot(dyp + m * N, xp + m * K, N);
-      }
-    });
-    dskip = reduce_gate_grad<scalar_t>(ds_row, sg.kind, task, T, opts);
+// dskip_gate = <dy, x> over every row (the skip path also runs on dropped rows).
+template <typename scalar_t>
+Tensor bwd_dskip(const Bwd<scalar_t>& c) {
+  if (!(c.need.skip && c.sg.on())) return c.none();
+  const scalar_t* dyp = c.dy.template data_ptr<scalar_t>();
+  const scalar_t* xp = c.x.template data_ptr<scalar_t>();
+  std::vector<double> ds_row(c.M, 0.0);
+  at::parallel_for(0, c.M, grain_for(c.N), [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) ds_row[m] = row_dot(dyp + m * c.N, xp + m * c.K, c.N);
+  });
+  return reduce_gate_grad<scalar_t>(ds_row, c.sg.kind, c.task, c.T, c.opts);
+}
+
+// Pass 2: dx on the compact rows, base term dpre W_t (the delta pass adds its terms).
+template <typename scalar_t>
+Tensor bwd_dx_base(const Bwd<scalar_t>& c, const Tensor& dpre_s) {
+  if (!c.need.x) return Tensor();
+  const Tensor weff = c.P.defined() ? c.weight * c.scale : c.weight;
+  if (!c.P.defined() || !c.multi) return at::mm(dpre_s, weff);
+  Tensor dx_s = at::empty({c.plan.Mk, c.K}, c.opts);
+  for_segments(c.plan, [&](int64_t t, int64_t o, int64_t n) {
+    Tensor dst = dx_s.narrow(0, o, n);
+    at::mm_out(dst, dpre_s.narrow(0, o, n), weff.select(0, t));
+  });
+  return dx_s;
+}
+
+// Pass 3, delta: e = scaling · U_tᵀ dpre, then dS = e hᵀ, dh = Sᵀ e per row; dU, dV, dG and
+// dx += V_tᵀ dh + G_tᵀ vec(dS), per task segment of n rows. The r-wide products are computed in
+// the transposed layout (eᵀ = U_tᵀ dpreᵀ: [r, n], and dU_tᵀ = zᵀ dpre: [r, N]): with r of 4..16,
+// BLAS runs the short-and-wide form 1.5-3x faster than the tall-and-skinny one (measured at
+// M=64, N=128). Returns (dU, dV, dG).
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> bwd_delta(const Bwd<scalar_t>& c, const Tensor& dpre_s, const Tensor& xs,
+                                             Tensor& dx_s) {
+  Tensor dU = c.none(), dV = c.none(), dG = c.none();
+  if (!c.need_delta()) return {dU, dV, dG};
+  const RowPlan& plan = c.plan;
+  const bool multi = c.multi, dynamic = c.dynamic;
+  const int64_t r = c.r, R = c.R, N = c.N, Mk = plan.Mk;
+  if (c.need.U) dU = multi ? at::zeros_like(c.U) : at::empty_like(c.U);
+  if (c.need.V) dV = multi ? at::zeros_like(c.V) : at::empty_like(c.V);
+  if (c.need.G) dG = multi ? at::zeros_like(c.G) : at::empty_like(c.G);
+  if (!multi && Mk == 0) {  // sums over no rows
+    for (Tensor* t : {&dU, &dV, &dG})
+      if (t->numel()) t->zero_();
   }
-
-  const bool need_xs = need_w || (U.defined() && (need(kNeedV) || need(kNeedG)));
-  const Tensor xs = !need_xs ? Tensor() : (plan.identity ? x : x.index_select(0, plan.rows_tensor()));
-  Tensor weff = weight;
-  if (P.defined() && need_x) weff = weight * scale;
-
-  // ---- dx (compact rows): dpre W_t, then the delta terms are added below ---------------------
-  Tensor dx_s;
-  if (need_x) {
-    if (!P.defined() || !multi) {
-      dx_s = at::mm(dpre_s, weff);
-    } else {
-      dx_s = at::empty({Mk, K}, opts);
-      for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
-        Tensor dst = dx_s.narrow(0, o, n);
-        at::mm_out(dst, dpre_s.narrow(0, o, n), weff.select(0, t));
-      });
-    }
-  }
-
-  // ---- delta: e = scaling · U_tᵀ dpre, then dS = e hᵀ, dh = Sᵀ e per row ---------------------
-  // Per task segment of n rows. The r-wide products are computed in the transposed layout
-  // (eᵀ = U_tᵀ dpreᵀ: [r, n], and dU_tᵀ = zᵀ dpre: [r, N]): with r of 4..16, BLAS runs the
-  // short-and-wide form 1.5-3x faster than the tall-and-skinny one (measured at M=64, N=128).
-  Tensor dU = none, dV = none, dG = none;
-  if (need_delta) {
-    if (need(kNeedU)) dU = multi ? at::zeros_like(U) : at::empty_like(U);
-    if (need(kNeedV)) dV = multi ? at::zeros_like(V) : at::empty_like(V);
-    if (need(kNeedG)) dG = multi ? at::zeros_like(G) : at::empty_like(G);
-    if (!multi && Mk == 0) {  // sums over no rows
-      for (Tensor* t : {&dU, &dV, &dG})
-        if (t->numel()) t->zero_();
-    }
-    const scalar_t* pj = proj.data_ptr<scalar_t>();
-    const bool need_z = need(kNeedU);
-    const scalar_t sc = static_cast<scalar_t>(scaling);
-    for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
-      const bool whole = (o == 0 && n == Mk);
-      const Tensor dpre_t = whole ? dpre_s : dpre_s.narrow(0, o, n);
-      const Tensor xs_t = !xs.defined() ? xs : (whole ? xs : xs.narrow(0, o, n));
-      const Tensor ET = at::mm(task_slice(U, multi, t).t(), dpre_t.t());  // [r, n], before scaling
-      const scalar_t* etp = ET.data_ptr<scalar_t>();
-      Tensor dproj = at::empty({n, R}, opts);  // [dh | vec dS] per row (dh = e when bilinear)
-      Tensor zT = need_z ? at::empty({r, n}, opts) : Tensor();  // z = S h (or h), transposed
-      scalar_t* dpj = dproj.data_ptr<scalar_t>();
-      scalar_t* zp = need_z ? zT.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, n, grain_for(r * r + r), [&](int64_t b, int64_t e_) {
-        std::vector<scalar_t> ev(r);
-        for (int64_t i = b; i < e_; ++i) {
-          const scalar_t* h = pj + plan.row(o + i) * R;
-          for (int64_t a = 0; a < r; ++a) ev[a] = sc * etp[a * n + i];
-          scalar_t* dh = dpj + i * R;
-          if (!dynamic) {
-            for (int64_t a = 0; a < r; ++a) dh[a] = ev[a];
-            if (zp)
-              for (int64_t a = 0; a < r; ++a) zp[a * n + i] = h[a];
-            continue;
-          }
-          const scalar_t* S = h + r;
-          scalar_t* dS = dh + r;
-          for (int64_t c = 0; c < r; ++c) dh[c] = 0;
-          for (int64_t a = 0; a < r; ++a) {
-            const scalar_t ea = ev[a];
-            const scalar_t* Sa = S + a * r;
-            scalar_t* dSa = dS + a * r;
-            scalar_t za = 0;
+  const scalar_t* pj = c.proj.template data_ptr<scalar_t>();
+  const bool need_z = c.need.U;
+  const scalar_t sc = static_cast<scalar_t>(c.scaling);
+  for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
+    const bool whole = (o == 0 && n == Mk);
+    const Tensor dpre_t = whole ? dpre_s : dpre_s.narrow(0, o, n);
+    const Tensor xs_t = !xs.defined() ? xs : (whole ? xs : xs.narrow(0, o, n));
+    const Tensor ET = at::mm(task_slice(c.U, multi, t).t(), dpre_t.t());  // [r, n], before scaling
+    const scalar_t* etp = ET.template data_ptr<scalar_t>();
+    Tensor dproj = at::empty({n, R}, c.opts);  // [dh | vec dS] per row (dh = e when bilinear)
+    Tensor zT = need_z ? at::empty({r, n}, c.opts) : Tensor();  // z = S h (or h), transposed
+    scalar_t* dpj = dproj.template data_ptr<scalar_t>();
+    scalar_t* zp = need_z ? zT.template data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, n, grain_for(r * r + r), [&](int64_t b, int64_t e_) {
+      std::vector<scalar_t> ev(r);
+      for (int64_t i = b; i < e_; ++i) {
+        const scalar_t* h = pj + plan.row(o + i) * R;
+        for (int64_t a = 0; a < r; ++a) ev[a] = sc * etp[a * n + i];
+        scalar_t* dh = dpj + i * R;
+        if (!dynamic) {
+          for (int64_t a = 0; a < r; ++a) dh[a] = ev[a];
+          if (zp)
+            for (int64_t a = 0; a < r; ++a) zp[a * n + i] = h[a];
+          continue;
+        }
+        const scalar_t* S = h + r;
+        scalar_t* dS = dh + r;
+        for (int64_t cc = 0; cc < r; ++cc) dh[cc] = 0;
+        for (int64_t a = 0; a < r; ++a) {
+          const scalar_t ea = ev[a];
+          const scalar_t* Sa = S + a * r;
+          scalar_t* dSa = dS + a * r;
+          scalar_t za = 0;
 #pragma omp simd reduction(+ : za)
-            for (int64_t c = 0; c < r; ++c) {
-              dSa[c] = ea * h[c];  // dS = e hᵀ
-              dh[c] += Sa[c] * ea;  // dh = Sᵀ e
-              za += Sa[c] * h[c];  // z = S h
-            }
-            if (zp) zp[a * n + i] = za;
+          for (int64_t cc = 0; cc < r; ++cc) {
+            dSa[cc] = ea * h[cc];  // dS = e hᵀ
+            dh[cc] += Sa[cc] * ea;  // dh = Sᵀ e
+            za += Sa[cc] * h[cc];  // z = S h
           }
+          if (zp) zp[a * n + i] = za;
         }
-      });
-      if (need(kNeedU)) {  // dU_t = scaling · Σ dpre zᵀ = (scaling · zᵀ dpre)ᵀ
-        // scaling · zᵀ dpre into a contiguous [r, N] block, then transposed into dU_t: BLAS writing
-        // the transposed view of dU_t in place was 6x slower at M=512 (149 vs 24 us, N=256, r=8)
-        Tensor dUT = at::empty({r, N}, opts);
-        at::addmm_out(dUT, dUT, zT, dpre_t, /*beta=*/0, /*alpha=*/scaling);
-        task_slice(dU, multi, t).copy_(dUT.t());
-      }
-      // dh and vec dS sit side by side in dproj [n, R]; each factor's products read its column
-      // block in place (the row stride R goes to BLAS), so no [V; G] stack is built.
-      const Tensor dh_t = dproj.narrow(1, 0, r);
-      const Tensor dS_t = dynamic ? dproj.narrow(1, r, r * r) : Tensor();
-      if (need(kNeedV)) {  // dV_t = Σ dh xᵀ
-        Tensor dst = task_slice(dV, multi, t);
-        at::mm_out(dst, dh_t.t(), xs_t);
-      }
-      if (need(kNeedG)) {  // dG_t = Σ vec(dS) xᵀ
-        Tensor dst = task_slice(dG, multi, t);
-        at::mm_out(dst, dS_t.t(), xs_t);
-      }
-      if (need_x) {  // dx += V_tᵀ dh + G_tᵀ vec(dS)
-        Tensor dst = whole ? dx_s : dx_s.narrow(0, o, n);
-        dst.addmm_(dh_t, task_slice(V, multi, t));
-        if (dynamic) dst.addmm_(dS_t, task_slice(G, multi, t));
       }
     });
-  }
-
-  // ---- base weight and multiplicative term: D_t = Σ dpre xᵀ per task -----------------------
-  Tensor dW = none, dP = none, dQ = none;
-  if (need_w) {
-    if (!P.defined()) {
-      if (need(kNeedWeight)) dW = at::mm(dpre_s.t(), xs);
-    } else {
-      const bool need_a = need(kNeedP) || need(kNeedQ);
-      if (need(kNeedWeight)) dW = at::zeros_like(weight);
-      if (need(kNeedP)) dP = at::zeros_like(P);
-      if (need(kNeedQ)) dQ = at::zeros_like(Q);
-      Tensor D = at::empty({N, K}, opts);
-      Tensor dA = need_a ? at::empty({N, K}, opts) : Tensor();
-      for_segments(plan, [&](int64_t t, int64_t o, int64_t n) {
-        at::mm_out(D, dpre_s.narrow(0, o, n).t(), xs.narrow(0, o, n));
-        const Tensor sc = task_slice(scale, multi, t);  // Φ1 = softplus(A)
-        // ATen's vectorized elementwise kernels: a scalar expm1 per weight element made the
-        // backward 0.8-0.9x of the reference's at M = 64..512, K = N = 256..768
-        if (need(kNeedWeight)) dW.addcmul_(sc, D);  // dW0 += Φ1 ⊙ D
-        if (need_a) {  // dA = (W0 ⊙ D) ⊙ softplus'(A), softplus'(A) = sigmoid(A) = -expm1(-Φ1)
-          at::mul_out(dA, weight, D);
-          dA.mul_(at::expm1(sc.neg()).neg_());
-        }
-        if (need(kNeedP)) {  // dP_t = dA Q_tᵀ
-          Tensor dst = task_slice(dP, multi, t);
-          at::mm_out(dst, dA, task_slice(Q, multi, t).t());
-        }
-        if (need(kNeedQ)) {  // dQ_t = P_tᵀ dA
-          Tensor dst = task_slice(dQ, multi, t);
-          at::mm_out(dst, task_slice(P, multi, t).t(), dA);
-        }
-      });
+    if (c.need.U) {  // dU_t = scaling · Σ dpre zᵀ = (scaling · zᵀ dpre)ᵀ
+      // scaling · zᵀ dpre into a contiguous [r, N] block, then transposed into dU_t: BLAS writing
+      // the transposed view of dU_t in place was 6x slower at M=512 (149 vs 24 us, N=256, r=8)
+      Tensor dUT = at::empty({r, N}, c.opts);
+      at::addmm_out(dUT, dUT, zT, dpre_t, /*beta=*/0, /*alpha=*/c.scaling);
+      task_slice(dU, multi, t).copy_(dUT.t());
     }
-  }
-  Tensor db = need(kNeedBias) ? dpre_s.sum(0) : none;
-
-  // ---- dx: scatter the compact rows back and add skip_gate · dy ------------------------------
-  Tensor dx = none;
-  if (need_x) {
-    if (plan.identity && !sg.on()) {
-      dx = dx_s;
-    } else {
-      dx = plan.identity ? dx_s : at::empty({M, K}, opts);
-      scalar_t* dxp = dx.data_ptr<scalar_t>();
-      const scalar_t* dxs = dx_s.data_ptr<scalar_t>();
-      at::parallel_for(0, Mk, grain_for(K), [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i) {
-          const int64_t m = plan.row(i);
-          scalar_t* o = dxp + m * K;
-          const scalar_t* s = dxs + i * K;
-          const scalar_t sm = sg.at(m);
-          if (o != s) std::copy(s, s + K, o);
-          if (sg.on())
-            for (int64_t k = 0; k < K; ++k) o[k] += sm * dyp[m * N + k];
-        }
-      });
-      const int64_t nd = static_cast<int64_t>(plan.dropped.size());
-      at::parallel_for(0, nd, grain_for(K), [&](int64_t b, int64_t e) {
-        for (int64_t j = b; j < e; ++j) {
-          const int64_t m = plan.dropped[j];
-          scalar_t* o = dxp + m * K;
-          const scalar_t sm = sg.at(m);
-          for (int64_t k = 0; k < K; ++k) o[k] = sg.on() ? sm * dyp[m * N + k] : scalar_t(0);
-        }
-      });
+    // dh and vec dS sit side by side in dproj [n, R]; each factor's products read its column
+    // block in place (the row stride R goes to BLAS), so no [V; G] stack is built.
+    const Tensor dh_t = dproj.narrow(1, 0, r);
+    const Tensor dS_t = dynamic ? dproj.narrow(1, r, r * r) : Tensor();
+    if (c.need.V) {  // dV_t = Σ dh xᵀ
+      Tensor dst = task_slice(dV, multi, t);
+      at::mm_out(dst, dh_t.t(), xs_t);
     }
+    if (c.need.G) {  // dG_t = Σ vec(dS) xᵀ
+      Tensor dst = task_slice(dG, multi, t);
+      at::mm_out(dst, dS_t.t(), xs_t);
+    }
+    if (c.need.x) {  // dx += V_tᵀ dh + G_tᵀ vec(dS)
+      Tensor dst = whole ? dx_s : dx_s.narrow(0, o, n);
+      dst.addmm_(dh_t, task_slice(c.V, multi, t));
+      if (dynamic) dst.addmm_(dS_t, task_slice(c.G, multi, t));
+    }
+  });
+  return {dU, dV, dG};
+}
+
+// Pass 4, base weight and multiplicative term: D_t = Σ dpre xᵀ per task, dW0 = Φ1 ⊙ D,
+// dA = (W0 ⊙ D) ⊙ sigmoid(A), dP_t = dA Q_tᵀ, dQ_t = P_tᵀ dA. Returns (dW, dP, dQ).
+template <typename scalar_t>
+std::tuple<Tensor, Tensor, Tensor> bwd_weight(const Bwd<scalar_t>& c, const Tensor& dpre_s, const Tensor& xs) {
+  Tensor dW = c.none(), dP = c.none(), dQ = c.none();
+  if (!c.need_w()) return {dW, dP, dQ};
+  if (!c.P.defined()) {
+    if (c.need.weight) dW = at::mm(dpre_s.t(), xs);
+    return {dW, dP, dQ};
   }
-  return {dx, dW, db, dU, dV, dG, dP, dQ, dgate, dskip};
+  const bool multi = c.multi;
+  const bool need_a = c.need.P || c.need.Q;
+  if (c.need.weight) dW = at::zeros_like(c.weight);
+  if (c.need.P) dP = at::zeros_like(c.P);
+  if (c.need.Q) dQ = at::zeros_like(c.Q);
+  Tensor D = at::empty({c.N, c.K}, c.opts);
+  Tensor dA = need_a ? at::empty({c.N, c.K}, c.opts) : Tensor();
+  for_segments(c.plan, [&](int64_t t, int64_t o, int64_t n) {
+    at::mm_out(D, dpre_s.narrow(0, o, n).t(), xs.narrow(0, o, n));
+    const Tensor sc = task_slice(c.scale, multi, t);  // Φ1 = softplus(A)
+    // ATen's vectorized elementwise kernels: a scalar expm1 per weight element made the
+    // backward 0.8-0.9x of the reference's at M = 64..512, K = N = 256..768
+    if (c.need.weight) dW.addcmul_(sc, D);  // dW0 += Φ1 ⊙ D
+    if (need_a) {  // dA = (W0 ⊙ D) ⊙ softplus'(A), softplus'(A) = sigmoid(A) = -expm1(-Φ1)
+      at::mul_out(dA, c.weight, D);
+      dA.mul_(at::expm1(sc.neg()).neg_());
+    }
+    if (c.need.P) {  // dP_t = dA Q_tᵀ
+      Tensor dst = task_slice(dP, multi, t);
+      at::mm_out(dst, dA, task_slice(c.Q, multi, t).t());
+    }
+    if (c.need.Q) {  // dQ_t = P_tᵀ dA
+      Tensor dst = task_slice(dQ, multi, t);
+      at::mm_out(dst, task_slice(c.P, multi, t).t(), dA);
+    }
+  });
+  return {dW, dP, dQ};
+}
+
+// Pass 5: dx in row order: the compact rows scattered back, + skip_gate · dy (dropped rows get
+// only that term).
+template <typename scalar_t>
+Tensor bwd_dx_rows(const Bwd<scalar_t>& c, const Tensor& dx_s) {
+  if (!c.need.x) return c.none();
+  const RowPlan& plan = c.plan;
+  if (plan.identity && !c.sg.on()) return dx_s;
+  const int64_t K = c.K, N = c.N;
+  const scalar_t* dyp = c.dy.template data_ptr<scalar_t>();
+  Tensor dx = plan.identity ? dx_s : at::empty({c.M, K}, c.opts);
+  scalar_t* dxp = dx.template data_ptr<scalar_t>();
+  const scalar_t* dxs = dx_s.template data_ptr<scalar_t>();
+  at::parallel_for(0, plan.Mk, grain_for(K), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t m = plan.row(i);
+      scalar_t* o = dxp + m * K;
+      const scalar_t* s = dxs + i * K;
+      const scalar_t sm = c.sg.at(m);
+      if (o != s) std::copy(s, s + K, o);
+      if (c.sg.on())
+        for (int64_t k = 0; k < K; ++k) o[k] += sm * dyp[m * N + k];
+    }
+  });
+  const int64_t nd = static_cast<int64_t>(plan.dropped.size());
+  at::parallel_for(0, nd, grain_for(K), [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      const int64_t m = plan.dropped[j];
+      scalar_t* o = dxp + m * K;
+      const scalar_t sm = c.sg.at(m);
+      for (int64_t k = 0; k < K; ++k) o[k] = c.sg.on() ? sm * dyp[m * N + k] : scalar_t(0);
+    }
+  });
+  return dx;
+}
+
+// The backward as its named passes; returns (dx, dW, db, dU, dV, dG, dP, dQ, dgate, dskip).
+template <typename scalar_t>
+std::vector<Tensor> bwd_impl(const Bwd<scalar_t>& c) {
+  const auto [dpre_s, dgate] = bwd_dpre(c);
+  const Tensor dskip = bwd_dskip(c);
+  // x's compact rows, read by the weight and the [V; G] gradients
+  const bool need_xs = c.need_w() || (c.U.defined() && (c.need.V || c.need.G));
+  const Tensor xs = !need_xs ? Tensor() : (c.plan.identity ? c.x : c.x.index_select(0, c.plan.rows_tensor()));
+  Tensor dx_s = bwd_dx_base(c, dpre_s);
+  const auto [dU, dV, dG] = bwd_delta(c, dpre_s, xs, dx_s);
+  const auto [dW, dP, dQ] = bwd_weight(c, dpre_s, xs);
+  const Tensor db = c.need.bias ? dpre_s.sum(0) : c.none();
+  return {bwd_dx_rows(c, dx_s), dW, db, dU, dV, dG, dP, dQ, dgate, dskip};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> native_tarp_bwd_cpu(
@@ -748,16 +792,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
                                {&P, kNeedP}, {&Q, kNeedQ}})
     if (!has(*t)) needs &= ~bit;
   const Tensor x = x_in.contiguous();
-  const Tensor weight = weight_in.contiguous();
-  const Tensor dy = dy_in.contiguous();
-  std::vector<Tensor> g;
+  const Tensor ti = contig(task_index), g = contig(gate), sg = contig(skip_gate);
+  std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "native_tarp_bwd", [&] {
-    g = bwd_impl<scalar_t>(dy, x, weight, contig(U), contig(V), contig(G), contig(P), contig(Q),
-                           contig(task_index), contig(gate), contig(skip_gate), pre.contiguous(),
-                           proj.contiguous(), scale.contiguous(), scaling, num_tasks, activation, gate_kind,
-                           gate_value, skip_kind, skip_value, hard_skip, needs);
+    Bwd<scalar_t> c{dy_in.contiguous(), x, weight_in.contiguous(), contig(U), contig(V), contig(G), contig(P),
+                    contig(Q), pre.contiguous(), proj.contiguous(), scale.contiguous(), scaling, activation};
+    c.multi = ti.defined();
+    c.dynamic = c.G.defined();
+    c.M = x.size(0);
+    c.K = x.size(1);
+    c.N = c.weight.size(0);
+    c.T = c.multi ? num_tasks : 1;
+    c.r = c.U.defined() ? c.U.size(-1) : 0;
+    c.R = c.U.defined() ? (c.dynamic ? c.r + c.r * c.r : c.r) : 0;
+    c.task = c.multi ? ti.data_ptr<int64_t>() : nullptr;
+    c.g = make_gate<scalar_t>(g, gate_kind, gate_value, c.task);
+    c.sg = make_gate<scalar_t>(sg, skip_kind, skip_value, c.task);
+    c.plan = make_plan<scalar_t>(op, c.M, c.T, c.task, c.g, hard_skip);
+    c.need = Needs::from_mask(needs);
+    c.opts = x.options();
+    out = bwd_impl<scalar_t>(c);
   });
-  return {g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9]};
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8], out[9]};
 }
 
 }  // namespace

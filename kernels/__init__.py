@@ -1,8 +1,10 @@
 """Fused Triton kernels of tarp-fast, installed as ``tarp_fast.kernels``.
 
-``tarp_linear_triton`` has the signature of :func:`tarp_fast.reference.tarp_linear` and the same
-semantics (DESIGN.md §2), computed by fused Triton kernels registered as ``torch.library`` ops
-(see :mod:`._ops` for the schemas, the autograd formulas and what is saved for backward,
+``run(call)`` runs one validated call (:class:`tarp_fast._contract.TarpCall`, built by
+``tarp_fast.ops``); ``tarp_linear_triton`` takes the signature of
+:func:`tarp_fast.reference.tarp_linear`. Same semantics (DESIGN.md §2), computed by fused Triton
+kernels registered as ``torch.library`` ops
+(see :mod:`._custom_ops` for the schemas, the autograd formulas and what is saved for backward,
 :mod:`._launch` for the passes and the design decisions, :mod:`._kernels` for the kernels and
 :mod:`._configs` for tile choices). It runs on CUDA tensors, or on CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before Python starts). ``tarp_fast.ops`` imports this

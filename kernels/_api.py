@@ -1,24 +1,18 @@
-"""The public entry points of the Triton backend, re-exported by ``tarp_fast.kernels``."""
-
+"""The entry points of the Triton backend, re-exported by ``tarp_fast.kernels``: ``run(call)`` for
+:mod:`tarp_fast.ops`, ``tarp_linear_triton`` for a direct call, and the config and debug switches."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton  # noqa: F401  (a missing Triton is reported by tarp_fast.ops with the fix)
 
-from .._contract import DEFAULT_SCALE_OFFSET, check_tarp_args, check_task_range
+from .._contract import check_tarp_args
 from ._configs import CANDIDATES, DX_DESIGNS, KernelConfig, dx_design, use_config, use_dx_design
+from ._custom_ops import _interpreter_on, run
 from ._launch import poison_outputs
-from ._ops import triton_tarp
 
-__all__ = ["tarp_linear_triton", "run_validated", "unavailable_reason", "KernelConfig", "use_config", "poison_outputs",
+__all__ = ["tarp_linear_triton", "run", "unavailable_reason", "KernelConfig", "use_config", "poison_outputs",
            "CANDIDATES", "DX_DESIGNS", "dx_design", "use_dx_design"]
-
-
-def _interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def unavailable_reason():
@@ -31,12 +25,9 @@ def unavailable_reason():
     return None
 
 
-def tarp_linear_triton(
-    x, weight, bias=None, U=None, V=None, G=None, P=None, Q=None, *,
-    scaling=1.0, scale_offset=DEFAULT_SCALE_OFFSET, task_index=None, gate=None, skip_gate=None,
-    residual=None, activation="none", hard_skip=False,
-):
-    """`tarp_linear` on the fused Triton kernels; same contract as the reference.
+def tarp_linear_triton(*args, **kwargs):
+    """`tarp_linear` (the signature of :func:`tarp_fast.reference.tarp_linear`) on the fused
+    Triton kernels, without the dispatch of :mod:`tarp_fast.ops`: ``run(check_tarp_args(...))``.
 
     Shapes: ``x [..., K]``, ``weight [N, K]``, ``bias [N]``, ``U [N, r]``, ``V [r, K]``,
     ``G [r*r, K]``, ``P [N, q]``, ``Q [q, K]`` (with a leading ``T`` and ``task_index [M]``
@@ -48,45 +39,4 @@ def tarp_linear_triton(
     (``U [N, 0]``) runs as no delta (the delta is exactly 0) and the factors get their empty
     gradients; ``K = 0`` gives ``act(bias)`` and ``bias.grad = sum of dpre``.
     """
-    spec = check_tarp_args(
-        x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
-    return run_validated(
-        spec, x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
-
-
-def run_validated(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, task_index, gate, skip_gate,
-                  residual, activation, hard_skip):
-    """The body of :func:`tarp_linear_triton` for arguments already checked into ``spec``
-    (``tarp_fast.ops`` validates once and calls this)."""
-    # (under precompile.capture launches are recorded, not run: CPU tensors stand in for CUDA ones)
-    from . import precompile
-
-    capturing = precompile.capturing()
-    if spec.device.type != "cuda" and not _interpreter_on() and not capturing:
-        raise RuntimeError(
-            f"tarp_linear_triton: needs CUDA tensors, got tensors on {spec.device}; "
-            "set TRITON_INTERPRET=1 before starting Python to run the kernels on CPU"
-        )
-    if spec.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"tarp_linear_triton: argument 'x' must be float16, bfloat16 or float32, got {spec.dtype}")
-    if spec.dtype == torch.bfloat16 and spec.device.type != "cuda" and not capturing:
-        # numpy, which the interpreter computes with, has no bfloat16: results were garbage (errors
-        # of 1e10), so refuse rather than return them
-        raise RuntimeError(
-            f"tarp_linear_triton: the Triton interpreter (TRITON_INTERPRET=1, tensors on {spec.device}) cannot run "
-            f"{spec.dtype}: numpy has no bfloat16. Use float16 or float32 inputs under the interpreter, or run "
-            "bfloat16 on a CUDA GPU"
-        )
-    if spec.multi_task and spec.device.type == "cpu":
-        check_task_range(task_index, spec.num_tasks)
-    return triton_tarp(
-        spec, x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
+    return run(check_tarp_args(*args, **kwargs))

@@ -10,14 +10,11 @@ is being captured): the candidates are timed once per bucketed key with
 power of two so that varying batch sizes (and the kept-row counts of ``hard_skip``) do not
 re-tune forever.
 
-Every config is spill-free with the ptxas of both Triton versions the project meets: 3.9 (CI's
-pin, ptxas 12.9) and 3.6 (the README's minimum and the GPU machines' version, ptxas 12.8, whose
-register allocator spilled 13 of the earlier configs; ``make test`` runs the compile tier under
-each, the second through ``make test-compat``). The defaults are reasoned, not yet measured (no GPU was available when they were written):
-16-bit large-M forward tiles of 128x128x64 with 8 warps and 3 stages are the classic Hopper /
-Ampere GEMM tile (96 KiB of shared memory for the operand ring, fits sm_80's 164 KiB);
-fp32 halves BK to keep the same shared memory. Small M (decode-like, <= 64 rows) uses 64-row
-tiles so that fewer rows are wasted. ``benchmarks/gpu_report.py`` is where the measurement lives.
+Every config is spill-free with the ptxas of each supported Triton (the compile tier checks).
+16-bit many-row forward tiles of 128x128x64 with 8 warps and 3 stages are the classic Hopper /
+Ampere GEMM tile (96 KiB of shared memory for the operand ring, fits sm_80's 164 KiB); fp32
+halves BK to keep the same shared memory. Few rows (decode-like, <= 64) take 64-row tiles so that
+fewer rows are wasted. ``benchmarks/gpu_report.py`` measures them.
 """
 
 from __future__ import annotations
@@ -54,81 +51,81 @@ class KernelConfig:
     tma: bool = False
 
 
-# name -> shape class -> default config.  "small": M <= 64 rows; "large": otherwise.
+# name -> shape class (:func:`shape_class`) -> default config.
 _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
     "fwd": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-        "large32": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+        "many-rows-32bit": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
     },
     # proj: BN is the column tile over the C = r + r*r projection columns
     "proj": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 32, 32, num_warps=4, num_stages=3),
-        "large32": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(128, 128, 64, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 32, 32, num_warps=4, num_stages=3),
+        "many-rows-32bit": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
     },
     # the forward kernel re-run in backward (dpre): the gelu' + dy epilogue needs a narrower tile
     # than the forward (128x128 spills 32 B on sm_90)
     "recompute": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
-        "large32": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+        "many-rows-32bit": KernelConfig(128, 64, 32, num_warps=8, num_stages=3),
     },
-    # dx: BN is the reduction chunk over N, BK the output tile over K. Ranks > 16 ("-wide"):
+    # dx: BN is the reduction chunk over N, BK the output tile over K. Ranks > 16 ("-rank>16"):
     # the per-row dS / dh loop needs registers, the K tile is halved (128 spills at r = 32).
     # fp32 (FMA dots, large register tiles): 64x32x32 for every rank, the largest tile that is
     # spill-free with both toolchains (128x32x64 spilled 4 B, 32x32x64 8-12 B with ptxas 12.8).
     "dx": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
-        "large16-wide": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
-        "large32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
+        "many-rows-16bit-rank>16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "many-rows-32bit": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
     },
     # dx, "concat" design (TARP_FAST_DX=concat): the pre-pass that builds dproj = [dh | vec(dS)]
     # from one read of dpre (the dx kernel without its GEMM: BN is the chunk over N, BK unused,
     # kept at 16). 64-row tiles: one program per row tile, so 128 programs at M = 8192 (an H100 /
     # H200 has 132 SMs; 128-row tiles would leave half of them idle).
     "dx_pre": {
-        "small16": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
-        "large16": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
-        "small32": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
-        "large32": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(64, 64, 16, num_warps=4, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
+        "many-rows-32bit": KernelConfig(64, 32, 16, num_warps=4, num_stages=3),
     },
     # ... and its dx GEMM over [dpre | dproj]: BN is the reduction chunk over N (the chunk over
     # the C columns of dproj is min(BN, next_pow2(C))), BK the output tile over K. No per-row
-    # loop here, so no "-wide" variant: the same tile for every rank.
+    # loop here, so no "-rank>16" variant: the same tile for every rank.
     "dx_concat": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
-        "small32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
-        "large32": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(128, 64, 128, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
+        "many-rows-32bit": KernelConfig(64, 32, 32, num_warps=8, num_stages=3),
     },
     # wgrad: BK = A tile, BN = B tile, BM = reduction chunk over rows. fp32 without TF32 runs
     # the dot on FMA units, whose register tiles are larger: small tiles and 8 warps there
     # (4 warps spilled 4 B in the dW epilogue with ptxas 12.8).
     "wgrad": {
-        "small16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-        "large16": KernelConfig(64, 128, 128, num_warps=8, num_stages=3),
-        "small32": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
-        "large32": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
+        "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+        "many-rows-16bit": KernelConfig(64, 128, 128, num_warps=8, num_stages=3),
+        "few-rows-32bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
+        "many-rows-32bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=2),
     },
     # scale (multiplicative term): BN x BK tiles of the [N, K] weight (BM unused)
     "scale": {
-        "small16": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
-        "large16": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
-        "small32": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
-        "large32": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
+        "few-rows-16bit": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
+        "many-rows-16bit": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
+        "few-rows-32bit": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
+        "many-rows-32bit": KernelConfig(16, 64, 64, num_warps=4, num_stages=1),
     },
     # its backward loops over tasks with several live tiles: 8 warps to halve registers/thread
     "scale_bwd": {
-        "small16": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
-        "large16": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
-        "small32": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
-        "large32": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
+        "few-rows-16bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
+        "many-rows-16bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
+        "few-rows-32bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
+        "many-rows-32bit": KernelConfig(16, 64, 64, num_warps=8, num_stages=1),
     },
 }
 
@@ -137,22 +134,22 @@ _DEFAULTS: dict[str, dict[str, KernelConfig]] = {
 #: rank > 16 forward and dx, the [dV; dG] weight gradient with 128-wide tiles, the fp32 forward
 #: with 128-row tiles and the multiplicative term's 64x64 tiles.
 _SM80: dict[str, dict[str, KernelConfig]] = {
-    "fwd": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-            "large16-wide": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
-            "small32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
-            "large32": KernelConfig(64, 64, 32, num_warps=8, num_stages=3)},
-    "proj": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3)},
-    "dx": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-           "large16-wide": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
+    "fwd": {"many-rows-16bit": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+            "many-rows-16bit-rank>16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3),
+            "few-rows-32bit": KernelConfig(64, 64, 32, num_warps=8, num_stages=3),
+            "many-rows-32bit": KernelConfig(64, 64, 32, num_warps=8, num_stages=3)},
+    "proj": {"many-rows-16bit": KernelConfig(128, 64, 64, num_warps=8, num_stages=3)},
+    "dx": {"many-rows-16bit": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+           "many-rows-16bit-rank>16": KernelConfig(64, 64, 32, num_warps=4, num_stages=3),
            # 4 warps spill 20 B with the swizzled grid's index arithmetic
-           "small16": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
-    "dx_concat": {"large16": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
-                  "small16": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
-    "wgrad": {"large16": KernelConfig(64, 64, 64, num_warps=4, num_stages=3)},
-    "scale": {"large32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1),
-              "small32": KernelConfig(16, 32, 64, num_warps=4, num_stages=1)},
+           "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
+    "dx_concat": {"many-rows-16bit": KernelConfig(128, 64, 64, num_warps=8, num_stages=3),
+                  "few-rows-16bit": KernelConfig(64, 64, 64, num_warps=8, num_stages=3)},
+    "wgrad": {"many-rows-16bit": KernelConfig(64, 64, 64, num_warps=4, num_stages=3)},
+    "scale": {"many-rows-32bit": KernelConfig(16, 32, 64, num_warps=4, num_stages=1),
+              "few-rows-32bit": KernelConfig(16, 32, 64, num_warps=4, num_stages=1)},
     "scale_bwd": {cls: KernelConfig(16, 32, 64, num_warps=8, num_stages=1)
-                  for cls in ("small16", "large16", "small32", "large32")},
+                  for cls in ("few-rows-16bit", "many-rows-16bit", "few-rows-32bit", "many-rows-32bit")},
 }
 
 #: Autotuning candidates per kernel (the defaults are always among them). Kept short: every
@@ -224,9 +221,21 @@ _override: dict[str, KernelConfig] = {}
 _tuned: dict[tuple, KernelConfig] = {}
 
 
+#: calls with at most this many rows are "few-rows" (decode-like): they get 64-row (or smaller) tiles
+FEW_ROWS = 64
+#: the suffix of a class's default for ranks above 16 (the delta epilogue needs smaller tiles there)
+WIDE_RANK = "-rank>16"
+
+
+def class_name(rows: str, itemsize: int) -> str:
+    """``"<rows>-rows-<16|32>bit"``: ``rows`` is ``"few"`` or ``"many"``, the width is the operands'."""
+    return f"{rows}-rows-{'32' if itemsize >= 4 else '16'}bit"
+
+
 def shape_class(M: int, itemsize: int) -> str:
-    """``small``/``large`` by rows (decode-like ``M <= 64`` vs. batch), ``16``/``32`` by dtype."""
-    return ("small" if M <= 64 else "large") + ("32" if itemsize >= 4 else "16")
+    """The shape class of a call: ``few-rows`` (``M <= FEW_ROWS``, decode-like) or ``many-rows``,
+    and ``16bit`` or ``32bit`` operands, e.g. ``"many-rows-16bit"``."""
+    return class_name("few" if M <= FEW_ROWS else "many", itemsize)
 
 
 @contextlib.contextmanager
@@ -261,8 +270,7 @@ def autotune_enabled() -> bool:
 #:   then one GEMM over the concatenated reduction ``[dpre | dproj] [W_t; V_t; G_t]`` recomputes
 #:   nothing per K tile (one more read of ``dpre`` and ``M C`` fp32 written and read back).
 #:
-#: The default stays ``fused`` until a GPU has timed both (``benchmarks/gpu_report.py``, section
-#: "dx design"); the faster becomes the default.
+#: ``benchmarks/gpu_report.py`` (section "dx design") times both.
 DX_DESIGNS = ("fused", "concat")
 _dx_override: list[Optional[str]] = [None]
 
@@ -301,17 +309,19 @@ def default_config(name: str, cls: str, *, rank: int = 0, arch: int = 90) -> Ker
     if arch < 90:
         table.update(_SM80.get(name, {}))
     sm80 = _SM80.get(name, {}) if arch < 90 else {}
-    # an sm_80 replacement of the class also replaces its "-wide" variant unless it has its own
-    if rank > 16 and cls + "-wide" in table and (cls not in sm80 or cls + "-wide" in sm80):
-        return table[cls + "-wide"]
+    # an sm_80 replacement of the class also replaces its rank > 16 variant unless it has its own
+    wide = cls + WIDE_RANK
+    if rank > 16 and wide in table and (cls not in sm80 or wide in sm80):
+        return table[wide]
     return table[cls]
 
 
 def all_defaults(name: str, bits: str, arch: int) -> list[KernelConfig]:
     """Every default config of ``name`` for 16- or 32-bit operands on ``sm_<arch>`` (compile tier)."""
-    out = [default_config(name, size + bits, arch=arch) for size in ("large", "small")]
+    itemsize = 2 if bits == "16" else 4
+    out = [default_config(name, class_name(rows, itemsize), arch=arch) for rows in ("many", "few")]
     if bits == "16":
-        out.append(default_config(name, "large16", rank=32, arch=arch))
+        out.append(default_config(name, "many-rows-16bit", rank=32, arch=arch))
     return list(dict.fromkeys(out))
 
 
@@ -346,7 +356,7 @@ def config_for(
 ) -> KernelConfig:
     """The config of kernel ``name`` for a call with ``M`` rows.
 
-    ``rank`` > 16 selects the ``-wide`` default of the class where there is one; ``arch`` < 90
+    ``rank`` > 16 selects the ``-rank>16`` default of the class where there is one; ``arch`` < 90
     takes the sm_80 table where it differs.
     Order: an active :func:`use_config` override; else, with autotuning on, the fastest candidate
     for ``(name, bucket(M), itemsize) + key`` (timed with ``bench`` on the key's first call; the

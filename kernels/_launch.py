@@ -4,7 +4,7 @@ Each ``plan_*`` function returns :class:`Launch` objects (kernel, grid, runtime 
 constexpr flags, warps, stages) without running them, so the compile tier
 (:mod:`tarp_fast.kernels.compile_check`) compiles exactly what the launchers launch. The
 ``tarp_fwd`` / ``tarp_bwd`` / ``scale_weight_*`` functions run the plans; they take the arguments
-already normalized by :mod:`._ops` (2-D ``x``, contiguous factors, per-row fp32 gates).
+already normalized by :mod:`._custom_ops` (2-D ``x``, contiguous factors, per-row fp32 gates).
 
 Outputs are allocated by :func:`._plan.alloc` (poisoned under ``TARP_FAST_POISON=1`` or
 :func:`poison_outputs`, so an element a kernel forgets to write shows up in the tests).
@@ -13,10 +13,12 @@ Outputs are allocated by :func:`._plan.alloc` (poisoned under ``TARP_FAST_POISON
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import triton
 
+from .._contract import ACTIVATION_CODES, Needs, rows_grouped
 from . import _kernels as K
 from ._configs import KernelConfig, config_for, device_arch, dx_design
 from ._plan import Launch, poison_outputs
@@ -34,7 +36,7 @@ from ._schedule import (
 __all__ = ["Launch", "tarp_fwd", "tarp_bwd", "scale_weight_fwd", "scale_weight_bwd", "poison_outputs",
            "tf32_matmul_allowed"]
 
-ACT_CODES = {"none": 0, "relu": 1, "gelu_tanh": 2}
+ACT_CODES = ACTIVATION_CODES  # (the codes the kernels' ACT constexpr reads)
 
 
 def tf32_matmul_allowed() -> bool:
@@ -126,9 +128,15 @@ class Rows:
         return self._tables[BM]
 
 
+def grouped_in_op(task_index, gate, hard_skip: bool) -> bool:
+    """:func:`tarp_fast._contract.rows_grouped` from a custom op's arguments (``task_index`` is None
+    there unless a per-task factor is read; ``gate`` is None unless one was given)."""
+    return rows_grouped(task_index is not None, hard_skip and gate is not None)
+
+
 def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows:
-    grouped = task_index is not None or (hard_skip and gate is not None)
-    if not grouped:
+    """The row schedule of a forward: built on the device when the rows are grouped."""
+    if not grouped_in_op(task_index, gate, hard_skip):
         # no schedule: tiles are plain row ranges, so no kernel runs here (this is on the
         # critical path of every plain call); empty, distinct tensors stand for perm and seg_off
         return Rows(M, T, False, torch.empty(0, dtype=torch.int32, device=device),
@@ -141,10 +149,6 @@ def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows
     else:
         perm, seg_off = row_groups(M, T, task_index, None if drop_gate is None else drop_gate == 0, device)
     return Rows(M, T, True, perm, seg_off)
-
-
-def rows_from_saved(M: int, T: int, perm: torch.Tensor, seg_off: torch.Tensor, grouped: bool) -> Rows:
-    return Rows(M, T, grouped, perm, seg_off)
 
 
 def _sched_args(rows: Rows, BM: int):
@@ -164,7 +168,7 @@ def _num_tasks(weight, U, task_index) -> int:
     return weight.shape[0]
 
 
-def plan_proj(x, V, G, proj, rows: Rows, cfg: KernelConfig) -> Launch:
+def plan_proj(*, x, V, G, proj, rows: Rows, cfg: KernelConfig) -> Launch:
     M, Kd = x.shape
     R = V.shape[-2]
     C = proj.shape[1]
@@ -182,7 +186,7 @@ def plan_proj(x, V, G, proj, rows: Rows, cfg: KernelConfig) -> Launch:
     )
 
 
-def plan_z(proj, z, rows: Rows, R: int) -> Launch:
+def plan_z(*, proj, z, rows: Rows, R: int) -> Launch:
     M, C = proj.shape
     RZ = triton.next_power_of_2(max(R, 1))
     BMZ = max(1, min(64, 2048 // (RZ * RZ)))
@@ -224,7 +228,7 @@ def _descriptor(t: torch.Tensor, rows: int, cols: int):
     return TensorDescriptor(t2, list(t2.shape), [t2.shape[1], 1], [rows, cols])
 
 
-def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg: KernelConfig, *,
+def plan_main(*, x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg: KernelConfig,
               scaling: float, act: int, dy=None, dgate_part=None) -> Launch:
     """The fused forward kernel; with ``dy`` given, its backward-recompute mode (``out`` = dpre)."""
     M, Kd = x.shape
@@ -250,7 +254,7 @@ def plan_main(x, weight, bias, U, z, gate, skip, residual, out, rows: Rows, cfg:
     )
 
 
-def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling: float, activation: str,
+def tarp_fwd(*, x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling: float, act: int,
              hard_skip: bool):
     """Forward: ``(y [M, N], proj [M, C] fp32, z [M, r] fp32, perm [M] int32, seg_off [T+2] int32)``.
 
@@ -266,8 +270,7 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
     the pre-pass adds them once (``(r + r*r) / N`` = 6.6% at N = 4096, r = 16: the op's floor)
     plus one extra read of ``x`` (``M K`` elements, about 1.5% of the GEMM's time at
     M = 8192, K = N = 4096 on an H100-class GPU by bandwidth) and ``M (r + r*r)`` fp32 written and
-    read. A persistent/cluster scheme would save that read but not FLOPs. This was decided by that
-    arithmetic (no GPU was available); ``benchmarks/gpu_report.py`` measures the result.
+    read. A persistent/cluster scheme would save that read but not FLOPs.
     """
     M, Kd = x.shape
     N = weight.shape[-2]
@@ -292,19 +295,18 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
         proj = _alloc((M, C), torch.float32, dev)
 
         def proj_plans(cfg):
-            return [plan_proj(x, V, G, proj, rows, cfg)]
+            return [plan_proj(x=x, V=V, G=G, proj=proj, rows=rows, cfg=cfg)]
 
         cfg = config_for("proj", M, item, arch=arch, key=(Kd, C, rows.grouped), bench=_bench_fn(proj_plans, dev))
         proj_plans(cfg)[0].run()
         if G is not None:
             z = _alloc((M, R), torch.float32, dev)
-            plan_z(proj, z, rows, R).run()
+            plan_z(proj=proj, z=z, rows=rows, R=R).run()
     zz = z if G is not None else proj
-    act = ACT_CODES[activation]
 
     def plans(cfg):
-        return [plan_main(x, weight, bias, U, zz if U is not None else None, gate, skip, residual, out,
-                          rows, cfg, scaling=scaling, act=act)]
+        return [plan_main(x=x, weight=weight, bias=bias, U=U, z=zz if U is not None else None, gate=gate,
+                          skip=skip, residual=residual, out=out, rows=rows, cfg=cfg, scaling=scaling, act=act)]
 
     rank = U.shape[-1] if U is not None else 0
     cfg = config_for("fwd", M, item, rank=rank, arch=arch, key=(N, Kd, rank, rows.grouped), bench=_bench_fn(plans, dev))
@@ -316,8 +318,8 @@ def tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip, residual, scaling
 # ----------------------------------------------------------------------------------------------
 # backward
 # ----------------------------------------------------------------------------------------------
-def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_part, rows: Rows,
-            cfg: KernelConfig, *, scaling: float, need_dx: bool) -> Launch:
+def plan_dx(*, dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_part, rows: Rows,
+            cfg: KernelConfig, scaling: float, need_dx: bool) -> Launch:
     M, Kd = x.shape
     N = weight.shape[-2]
     R = U.shape[-1] if U is not None else 0
@@ -343,7 +345,7 @@ def plan_dx(dp, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, dskip_p
     )
 
 
-def plan_dx_concat(dp, rowscale, weight, V, G, dproj, dy, skip, x, dx, dskip_part, rows: Rows,
+def plan_dx_concat(*, dp, rowscale, weight, V, G, dproj, dy, skip, x, dx, dskip_part, rows: Rows,
                    cfg: KernelConfig) -> Launch:
     """The dx GEMM of the "concat" design: ``dx = [dpre | dproj] [W_t; V_t; G_t] + skip dy``
     (``dproj`` from :func:`plan_dx` with ``need_dx=False``)."""
@@ -371,7 +373,7 @@ def plan_dx_concat(dp, rowscale, weight, V, G, dproj, dy, skip, x, dx, dskip_par
     )
 
 
-def plan_wgrad(L, Rm, rowscale, out, lsum, rows: Rows, cfg: KernelConfig, *, A: int, B: int,
+def plan_wgrad(*, L, Rm, rowscale, out, lsum, rows: Rows, cfg: KernelConfig, A: int, B: int,
                per_task: bool, r_scale: float = 1.0) -> Launch:
     """``out[t] = sum_m L[m, :A]^T (r_scale Rm[m, :B])`` over task t's rows (or all kept rows)."""
     BB = min(cfg.BN, max(16, triton.next_power_of_2(B)))
@@ -389,107 +391,144 @@ def plan_wgrad(L, Rm, rowscale, out, lsum, rows: Rows, cfg: KernelConfig, *, A: 
     )
 
 
-def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm, seg_off,
-             scaling: float, activation: str, hard_skip: bool, needs: list[bool]):
-    """Backward of :func:`tarp_fwd`. ``needs`` = which of ``(x, weight, bias, U, V, G, gate,
-    skip_gate)`` need a gradient; the others come back as empty tensors.
+#: The gradients of :func:`tarp_bwd`, each like its input (``gate`` and ``skip_gate``: ``[M]`` fp32);
+#: those not asked for are empty tensors.
+Grads = NamedTuple("Grads", [(name, torch.Tensor) for name in ("x", "weight", "bias", "U", "V", "G", "gate",
+                                                                "skip_gate")])
 
-    Passes (each only when some requested gradient needs it):
 
-    1. ``dpre = gate act'(pre) dy`` (``[M, N]``, x's dtype) by re-running the forward tile
-       (``_tarp_fwd_kernel`` with ``BWD=True``), which also gives ``dgate = <dy, act(pre)>``
-       -- only when there is an activation or the gate needs a gradient. Otherwise
+@dataclass
+class _Pass:
+    """What every backward pass shares besides tensors: sizes, device, schedule and flags."""
+
+    rows: Rows
+    scaling: float
+    act: int
+    needs: Needs
+    M: int
+    K: int
+    N: int
+    R: int  # rank (0 without a delta)
+    dtype: torch.dtype
+    dev: torch.device
+
+    def __post_init__(self):
+        self.item = self.dtype.itemsize
+        self.arch = device_arch(self.dev)
+
+    def empty(self, dtype=None) -> torch.Tensor:
+        # distinct empty tensors: a custom op's outputs may not alias each other
+        return torch.empty(0, dtype=dtype or self.dtype, device=self.dev)
+
+
+def tarp_bwd(*, dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm, seg_off, scaling: float,
+             act: int, hard_skip: bool, needs: Needs) -> Grads:
+    """Backward of :func:`tarp_fwd` for the gradients in ``needs`` (``P``, ``Q`` are ignored: the
+    multiplicative term has its own op). Passes, each only when a requested gradient needs it:
+
+    1. :func:`bwd_dpre`: ``dpre = gate act'(pre) dy`` (``[M, N]``, x's dtype) by re-running the
+       forward tile (``_tarp_fwd_kernel`` with ``BWD=True``), which also gives
+       ``dgate = <dy, act(pre)>`` -- only with an activation or a gate gradient. Otherwise
        ``dpre = gate dy`` is never formed: ``gate`` scales the accumulators of the later passes.
-    2. ``dx`` and ``dproj = [dh | vec(dS)]``, by one of two designs (:func:`._configs.dx_design`,
-       ``TARP_FAST_DX``): ``fused`` (default), one pass over ``dpre`` (``_tarp_bwd_dx_kernel``)
-       that recomputes ``e``, ``dh`` and ``dS`` in every K tile of dx; ``concat``, a narrow
-       pre-pass (the same kernel without its GEMM) writes ``dproj`` from one read of ``dpre``,
-       then ``_tarp_bwd_dx_concat_kernel`` computes ``dx = [dpre | dproj] [W_t; V_t; G_t]``.
-    3. Segmented weight gradients (``_tarp_wgrad_kernel``): ``dW = sum dpre x^T`` (per task when
-       the weight is per task), ``dU_t = scaling sum dpre z^T``, ``[dV_t; dG_t] = sum dproj x^T``;
-       ``db`` rides along as the column sums of the first of these that reads ``dpre``.
+    2. :func:`bwd_dx`: ``dx`` and ``dproj = [dh | vec(dS)]``, by one of two designs
+       (:func:`._configs.dx_design`, ``TARP_FAST_DX``): ``fused`` (default), one pass over ``dpre``
+       (``_tarp_bwd_dx_kernel``) that recomputes ``e``, ``dh`` and ``dS`` in every K tile of dx;
+       ``concat``, a narrow pre-pass (the same kernel without its GEMM) writes ``dproj`` from one
+       read of ``dpre``, then ``_tarp_bwd_dx_concat_kernel`` computes ``dx = [dpre | dproj] [W_t; V_t; G_t]``.
+    3. :func:`bwd_weight_grads`: segmented GEMMs ``dW = sum dpre x^T`` (per task when the weight is
+       per task), ``dU_t = scaling sum dpre z^T``, ``[dV_t; dG_t] = sum dproj x^T``; ``db`` rides
+       along as the column sums of the first of these that reads ``dpre``.
     """
-    need_dx, need_dw, need_db, need_du, need_dv, need_dg, need_dgate, need_dskip = needs
-    M, Kd = x.shape
-    N = weight.shape[-2]
-    T = _num_tasks(weight, U, task_index)
-    dev = x.device
-    grouped = task_index is not None or (hard_skip and gate is not None)
-    rows = rows_from_saved(M, T, perm, seg_off, grouped)
-    item = x.element_size()
-    arch = device_arch(dev)
-    act = ACT_CODES[activation]
-    # distinct empty tensors: a custom op's outputs may not alias each other
-    empty = lambda: torch.empty(0, dtype=x.dtype, device=dev)  # noqa: E731
-    R = U.shape[-1] if U is not None else 0
-    zz = (z if G is not None else proj) if U is not None else None
+    (M, Kd), N = x.shape, weight.shape[-2]
+    rows = Rows(M, _num_tasks(weight, U, task_index), grouped_in_op(task_index, gate, hard_skip), perm, seg_off)
+    c = _Pass(rows=rows, scaling=scaling, act=act, needs=needs, M=M, K=Kd, N=N, R=U.shape[-1] if U is not None else 0,
+              dtype=x.dtype, dev=x.device)
+    zz = (z if G is not None else proj) if U is not None else None  # z, or h = proj (bilinear)
+    dpre, rowscale, dgate = bwd_dpre(c, dy=dy, x=x, weight=weight, bias=bias, U=U, z=zz, gate=gate, skip=skip)
+    dx, dproj, dskip = bwd_dx(c, dpre=dpre, rowscale=rowscale, dy=dy, x=x, weight=weight, U=U, V=V, G=G, proj=proj,
+                              skip=skip)
+    dW, db, dU, dV, dG = bwd_weight_grads(c, dpre=dpre, rowscale=rowscale, dproj=dproj, x=x, weight=weight,
+                                          bias=bias, U=U, V=V, G=G, z=zz, proj=proj)
+    f32 = torch.float32
+    return Grads(x=dx, weight=dW, bias=db, U=dU, V=dV, G=dG, gate=dgate if dgate is not None else c.empty(f32),
+                 skip_gate=dskip if dskip is not None else c.empty(f32))
 
-    dx = _alloc((M, Kd), x.dtype, dev) if need_dx else empty()
-    dgate = torch.zeros(M, dtype=torch.float32, device=dev) if (need_dgate and M == 0) else None
-    dskip = None
 
-    # 1. dpre
-    materialize = M > 0 and (act != 0 or need_dgate)
-    if materialize:
-        cfg = config_for("recompute", M, item, arch=arch)
-        num_n = triton.cdiv(N, cfg.BN)
-        dpre = _alloc((M, N), x.dtype, dev)
-        part = _alloc((num_n, M), torch.float32, dev) if need_dgate else None
-        plan_main(x, weight, bias, U, zz, gate, skip, None, dpre, rows, cfg, scaling=scaling, act=act,
-                  dy=dy, dgate_part=part).run()
-        if need_dgate:
-            dgate = part.sum(0)
-        rowscale = None
-    else:
-        dpre, rowscale = dy, gate
+def bwd_dpre(c: _Pass, *, dy, x, weight, bias, U, z, gate, skip):
+    """Pass 1: ``(dpre, rowscale, dgate)``. ``dpre [M, N]`` is materialized by the recompute
+    kernel only with an activation or a gate gradient; otherwise it is ``dy`` and ``rowscale`` is
+    the gate (applied by the later passes). ``dgate [M]`` fp32 or None."""
+    need_dgate = c.needs.gate
+    if c.M == 0 or not (c.act != 0 or need_dgate):
+        dgate = torch.zeros(c.M, dtype=torch.float32, device=c.dev) if (need_dgate and c.M == 0) else None
+        return dy, gate, dgate
+    cfg = config_for("recompute", c.M, c.item, arch=c.arch)
+    dpre = _alloc((c.M, c.N), c.dtype, c.dev)
+    part = _alloc((triton.cdiv(c.N, cfg.BN), c.M), torch.float32, c.dev) if need_dgate else None
+    plan_main(x=x, weight=weight, bias=bias, U=U, z=z, gate=gate, skip=skip, residual=None, out=dpre, rows=c.rows,
+              cfg=cfg, scaling=c.scaling, act=c.act, dy=dy, dgate_part=part).run()
+    return dpre, None, part.sum(0) if need_dgate else None
 
-    # 2. dx and the r-sized terms
-    dproj = None
-    need_r = U is not None and (need_dv or need_dg)
-    if M > 0 and (need_dx or need_r):
-        C = proj.shape[1] if U is not None else 1
-        dproj = _alloc((M, C), torch.float32, dev) if U is not None else None
-        do_dskip = need_dskip and need_dx
-        concat = need_dx and U is not None and dx_design() == "concat"
 
-        def dx_launch(cfg):
-            num_k = triton.cdiv(Kd, cfg.BK) if need_dx else 1
-            part = _alloc((num_k, M), torch.float32, dev) if do_dskip else None
-            return plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, part, rows, cfg,
-                           scaling=scaling, need_dx=need_dx), part
+def bwd_dx(c: _Pass, *, dpre, rowscale, dy, x, weight, U, V, G, proj, skip):
+    """Pass 2: ``(dx, dproj, dskip)``: ``dx [M, K]`` (empty when not needed), ``dproj [M, C]`` fp32
+    (None without a delta or without dx / dV / dG), ``dskip [M]`` fp32 or None."""
+    needs, M, Kd, N, R = c.needs, c.M, c.K, c.N, c.R
+    dx = _alloc((M, Kd), c.dtype, c.dev) if needs.x else c.empty()
+    dproj = dskip = None
+    if M > 0 and (needs.x or (U is not None and (needs.V or needs.G))):
+        dproj = _alloc((M, proj.shape[1]), torch.float32, c.dev) if U is not None else None
+        do_dskip = needs.skip_gate and needs.x
+        common = dict(dp=dpre, rowscale=rowscale, weight=weight, V=V, G=G, dy=dy, skip=skip, x=x, dx=dx,
+                      dproj=dproj, rows=c.rows)
 
-        if concat:
+        def dskip_part(cfg):
+            return _alloc((triton.cdiv(Kd, cfg.BK), M), torch.float32, c.dev) if do_dskip else None
+
+        if needs.x and U is not None and dx_design() == "concat":
             # the pre-pass: dproj from one read of dpre (no dx GEMM, one K tile)
-            pre = config_for("dx_pre", M, item, rank=R, arch=arch)
-            plan_dx(dpre, rowscale, weight, U, V, G, proj, dy, skip, x, dx, dproj, None, rows, pre,
-                    scaling=scaling, need_dx=False).run()
+            pre = config_for("dx_pre", M, c.item, rank=R, arch=c.arch)
+            plan_dx(**common, U=U, proj=proj, dskip_part=None, cfg=pre, scaling=c.scaling, need_dx=False).run()
 
-            def dx_launch(cfg):  # noqa: F811 (the concat design's dx GEMM)
-                part = _alloc((triton.cdiv(Kd, cfg.BK), M), torch.float32, dev) if do_dskip else None
-                return plan_dx_concat(dpre, rowscale, weight, V, G, dproj, dy, skip, x, dx, part, rows, cfg), part
+            def dx_launch(cfg):  # the concat design's dx GEMM
+                part = dskip_part(cfg)
+                return plan_dx_concat(**common, dskip_part=part, cfg=cfg), part
 
-            bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev)
-            cfg = config_for("dx_concat", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped), bench=bench)
+            bench = _bench_fn(lambda cfg: [dx_launch(cfg)[0]], c.dev)
+            cfg = config_for("dx_concat", M, c.item, rank=R, arch=c.arch, key=(N, Kd, R, c.rows.grouped), bench=bench)
         else:
+            def dx_launch(cfg):
+                part = dskip_part(cfg)
+                return plan_dx(**common, U=U, proj=proj, dskip_part=part, cfg=cfg, scaling=c.scaling,
+                               need_dx=needs.x), part
+
             # tuned like the forward (the kernel writes every output element once: a relaunch is
-            # idempotent), except above rank 16, where only the "-wide" default is spill-checked
-            bench = _bench_fn(lambda c: [dx_launch(c)[0]], dev) if R <= 16 else None
-            cfg = config_for("dx", M, item, rank=R, arch=arch, key=(N, Kd, R, rows.grouped, need_dx), bench=bench)
+            # idempotent), except above rank 16, where only the wide-rank default is spill-checked
+            bench = _bench_fn(lambda cfg: [dx_launch(cfg)[0]], c.dev) if R <= 16 else None
+            cfg = config_for("dx", M, c.item, rank=R, arch=c.arch, key=(N, Kd, R, c.rows.grouped, needs.x),
+                             bench=bench)
         launch, part = dx_launch(cfg)
         launch.run()
         if do_dskip:
             dskip = part.sum(0)
-    if need_dskip and dskip is None:
+    if needs.skip_gate and dskip is None:
         # skip gate without dx (x frozen): one reduction, no kernel of its own
         dskip = (dy.float() * x.float()).sum(1)
+    return dx, dproj, dskip
 
-    # 3. weight gradients: each GEMM is tuned on its own key (their shapes differ: [N, K], [N, r],
-    # [C, K]); every output element is written once, so a tuning relaunch is idempotent
+
+def bwd_weight_grads(c: _Pass, *, dpre, rowscale, dproj, x, weight, bias, U, V, G, z, proj):
+    """Pass 3: ``(dW, db, dU, dV, dG)`` by segmented GEMMs (each tuned on its own key: their shapes
+    differ, ``[N, K]``, ``[N, r]``, ``[C, K]``; every output element is written once, so a tuning
+    relaunch is idempotent). ``z``: the forward's ``z`` (``h`` for the bilinear delta)."""
+    needs, M, Kd, N, R, T, dev = c.needs, c.M, c.K, c.N, c.R, c.rows.T, c.dev
+
     def wgrad(L, Rm, rs, out, ls, *, A, B, per_task, r_scale=1.0):
         def plans(cfg):
-            return [plan_wgrad(L, Rm, rs, out, ls, rows, cfg, A=A, B=B, per_task=per_task, r_scale=r_scale)]
+            return [plan_wgrad(L=L, Rm=Rm, rowscale=rs, out=out, lsum=ls, rows=c.rows, cfg=cfg, A=A, B=B,
+                               per_task=per_task, r_scale=r_scale)]
 
-        cfg = config_for("wgrad", M, item, arch=arch, key=(A, B, per_task, rows.grouped, ls is not None),
+        cfg = config_for("wgrad", M, c.item, arch=c.arch, key=(A, B, per_task, c.rows.grouped, ls is not None),
                          bench=_bench_fn(plans, dev))
         plans(cfg)[0].run()
 
@@ -497,19 +536,19 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
     # launches: with K = 0 (dW [N, 0]) or rank 0 (dU [N, 0]) the grid is empty and would leave
     # lsum unwritten, so then a column-sum pass of its own computes it
     lsum = None
-    dW, dU, db = empty(), empty(), empty()
-    if need_dw:
+    dW, dU, db = c.empty(), c.empty(), c.empty()
+    if needs.weight:
         dW = torch.empty(weight.shape, dtype=weight.dtype, device=dev)
-        if need_db and Kd > 0:
+        if needs.bias and Kd > 0:
             lsum = torch.empty((T if weight.dim() == 3 else 1, N), dtype=torch.float32, device=dev)
         wgrad(dpre, x, rowscale, dW, lsum, A=N, B=Kd, per_task=weight.dim() == 3)
-    if need_du:
+    if needs.U:
         dU = torch.empty(U.shape, dtype=U.dtype, device=dev)
         ls = None
-        if need_db and lsum is None and R > 0:
+        if needs.bias and lsum is None and R > 0:
             ls = lsum = torch.empty((T if U.dim() == 3 else 1, N), dtype=torch.float32, device=dev)
-        wgrad(dpre, zz, rowscale, dU, ls, A=N, B=R, per_task=U.dim() == 3, r_scale=scaling)
-    if need_db:
+        wgrad(dpre, z, rowscale, dU, ls, A=N, B=R, per_task=U.dim() == 3, r_scale=c.scaling)
+    if needs.bias:
         if lsum is None:
             # no weight GEMM ran: a column-sum pass over dpre (B = 1 column of x as a dummy; with
             # K = 0, x has no column to read: a zero column stands in)
@@ -518,31 +557,25 @@ def tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip, proj, z, perm
             dummy = x if Kd > 0 else torch.zeros((M, 1), dtype=x.dtype, device=dev)
             wgrad(dpre, dummy, rowscale, scratch, lsum, A=N, B=1, per_task=False)
         db = lsum.sum(0).to(bias.dtype)
-    dV, dG = empty(), empty()
-    if need_r:
+    dV, dG = c.empty(), c.empty()
+    if U is not None and (needs.V or needs.G):
         C = proj.shape[1]
-        Tu = U.shape[0] if U.dim() == 3 else 1
-        dvg = torch.empty((Tu, C, Kd), dtype=torch.float32, device=dev)
+        dvg = torch.empty((U.shape[0] if U.dim() == 3 else 1, C, Kd), dtype=torch.float32, device=dev)
         if M > 0:
             wgrad(dproj, x, None, dvg, None, A=C, B=Kd, per_task=U.dim() == 3)
         else:
             dvg.zero_()
-        lead = V.shape[:-2]
-        if need_dv:
+        if needs.V:
             dV = dvg[:, :R].reshape(V.shape).to(V.dtype, copy=True)
-        if need_dg:
-            dG = dvg[:, R:].reshape(*lead, R * R, Kd).to(G.dtype, copy=True)
-    if dgate is None:
-        dgate = torch.empty(0, dtype=torch.float32, device=dev)
-    if dskip is None:
-        dskip = torch.empty(0, dtype=torch.float32, device=dev)
-    return dx, dW, db, dU, dV, dG, dgate, dskip
+        if needs.G:
+            dG = dvg[:, R:].reshape(*V.shape[:-2], R * R, Kd).to(G.dtype, copy=True)
+    return dW, db, dU, dV, dG
 
 
 # ----------------------------------------------------------------------------------------------
 # multiplicative term
 # ----------------------------------------------------------------------------------------------
-def plan_scale(weight, P, Q, out, offset: float, cfg: KernelConfig) -> Launch:
+def plan_scale(*, weight, P, Q, out, offset: float, cfg: KernelConfig) -> Launch:
     N, Kd = weight.shape
     T = P.shape[0] if P.dim() == 3 else 1
     q = P.shape[-1]
@@ -568,15 +601,15 @@ def scale_weight_fwd(weight, P, Q, offset: float) -> torch.Tensor:
     read of ``W0`` plus the write of ``W_t`` (the main kernel then reads ``W_t`` instead of ``W0``).
     At ``K = N = 4096`` in bf16 that is 64 MB, about 13 us at an H200's 4.8 TB/s, against about
     0.4 ms for the ``M = 8192`` GEMM: ~3%. The price is ``T N K`` elements of memory (stated in
-    the README). Decided by this arithmetic; no GPU has measured it yet.
+    the README).
     """
     out = _alloc(P.shape[:-1] + weight.shape[-1:], weight.dtype, weight.device)
     cfg = config_for("scale", weight.shape[0], weight.element_size(), arch=device_arch(weight.device))
-    plan_scale(weight, P, Q, out, offset, cfg).run()
+    plan_scale(weight=weight, P=P, Q=Q, out=out, offset=offset, cfg=cfg).run()
     return out
 
 
-def plan_scale_bwd(dwe, weight, P, Q, dw, y, offset: float, cfg: KernelConfig, need_w: bool, need_pq: bool):
+def plan_scale_bwd(*, dwe, weight, P, Q, dw, y, offset: float, cfg: KernelConfig, need_w: bool, need_pq: bool):
     N, Kd = weight.shape
     T = P.shape[0] if P.dim() == 3 else 1
     q = P.shape[-1]
@@ -599,7 +632,8 @@ def scale_weight_bwd(dwe, weight, P, Q, offset: float, need_w: bool, need_pq: bo
     dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_w else None
     y = torch.empty(P.shape[:-1] + weight.shape[-1:], dtype=torch.float32, device=dev) if need_pq else None
     cfg = config_for("scale_bwd", weight.shape[0], weight.element_size(), arch=device_arch(dev))
-    plan_scale_bwd(dwe.contiguous(), weight, P, Q, dw, y, offset, cfg, need_w, need_pq).run()
+    plan_scale_bwd(dwe=dwe.contiguous(), weight=weight, P=P, Q=Q, dw=dw, y=y, offset=offset, cfg=cfg, need_w=need_w,
+                   need_pq=need_pq).run()
     dP, dQ = empty(), empty()
     if need_pq:
         dP = torch.matmul(y, Q.float().transpose(-1, -2)).to(P.dtype)

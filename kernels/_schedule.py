@@ -25,9 +25,8 @@ Three implementations of ``(perm, seg_off)``, all with the same output:
 * :func:`row_groups_cuda` (the extension's CUDA helpers ``tarp_fast::group_by_task`` /
   ``tarp_fast::compact_rows``). :func:`use_cuda_helpers` picks it only with
   ``TARP_FAST_CUDA_HELPERS=1`` (which also sums a per-task gate's gradient with
-  ``tarp_fast::segmented_sum``, ``_ops.py``): the helpers compile with nvcc in ``make test`` but
-  have not yet run on a GPU in this project (no GPU was lent so far); the GPU tier checks them
-  against the others (``tests/test_cuda_helpers.py``).
+  ``tarp_fast::segmented_sum``, ``_custom_ops.py``); the GPU tier checks them against the others
+  (``tests/test_cuda_helpers.py``).
 
 Task indices outside ``[0, T)`` go to the dropped segment in all three (their rows get the
 dropped rows' output: no base product and no delta), since reporting them would need a sync.

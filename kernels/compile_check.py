@@ -57,7 +57,7 @@ def build_plans(arch: int, quick: bool = False):
 
     from . import _launch as L
     from . import _schedule as S
-    from ._configs import candidates, default_config
+    from ._configs import candidates, class_name, default_config
 
     meta = torch.device("meta")
 
@@ -83,7 +83,7 @@ def build_plans(arch: int, quick: bool = False):
 
     def configs(name, dt):
         """Shape-class defaults and (16-bit, unless ``quick``) the autotuning candidates."""
-        defaults = [default_config(name, size + bits(dt), arch=arch) for size in ("large", "small")]
+        defaults = [default_config(name, class_name(rows, dt.itemsize), arch=arch) for rows in ("many", "few")]
         extra = candidates(name, arch) if (bits(dt) == "16" and not quick) else []
         return list(dict.fromkeys(defaults + extra))
 
@@ -93,10 +93,10 @@ def build_plans(arch: int, quick: bool = False):
     plans = []
 
     # forward main kernel: every config with all flags on and with none; rank 32 on the config the
-    # launcher picks for it (the "-wide" default where the table has one)
+    # launcher picks for it (the "-rank>16" default where the table has one)
     for dt in (torch.bfloat16, torch.float16, f32):
-        large = default_config("fwd", "large" + bits(dt), arch=arch)
-        wide = default_config("fwd", "large" + bits(dt), rank=32, arch=arch)
+        large = default_config("fwd", class_name("many", dt.itemsize), arch=arch)
+        wide = default_config("fwd", class_name("many", dt.itemsize), rank=32, arch=arch)
         cfgs = configs("fwd", dt) if dt != torch.float16 else [large]
         for cfg in list(dict.fromkeys(cfgs + ([wide] if dt != f32 else []))):
             variants = (("full-r16", "plain") if cfg in cfgs else ()) + (
@@ -105,19 +105,19 @@ def build_plans(arch: int, quick: bool = False):
                 full = variant.startswith("full")
                 r = 32 if variant == "full-r32" else 16
                 p = L.plan_main(
-                    t(M, Kd, dtype=dt), t(T, N, Kd, dtype=dt) if full else t(N, Kd, dtype=dt),
-                    t(N, dtype=dt) if full else None, t(T, N, r, dtype=dt) if full else None,
-                    t(M, r, dtype=f32) if full else None, t(M, dtype=f32) if full else None,
-                    t(M, dtype=f32) if full else None, t(M, N, dtype=dt) if full else None,
-                    t(M, N, dtype=dt), rows(full), cfg, scaling=0.5, act=2 if full else 0)
+                    x=t(M, Kd, dtype=dt), weight=t(T, N, Kd, dtype=dt) if full else t(N, Kd, dtype=dt),
+                    bias=t(N, dtype=dt) if full else None, U=t(T, N, r, dtype=dt) if full else None,
+                    z=t(M, r, dtype=f32) if full else None, gate=t(M, dtype=f32) if full else None,
+                    skip=t(M, dtype=f32) if full else None, residual=t(M, N, dtype=dt) if full else None,
+                    out=t(M, N, dtype=dt), rows=rows(full), cfg=cfg, scaling=0.5, act=2 if full else 0)
                 plans.append((f"{tag(dt)}-{variant}", _cfg_name(cfg), p))
         if dt != torch.float16:  # backward recompute mode (dpre + gate partials)
-            for cfg in (default_config("recompute", "large" + bits(dt), arch=arch),
-                        default_config("recompute", "small" + bits(dt), arch=arch)):
-                p = L.plan_main(t(M, Kd, dtype=dt), t(N, Kd, dtype=dt), t(N, dtype=dt), t(T, N, 16, dtype=dt),
-                                t(M, 16, dtype=f32), t(M, dtype=f32), None, None, t(M, N, dtype=dt), rows(True),
-                                cfg, scaling=0.5, act=2, dy=t(M, N, dtype=dt),
-                                dgate_part=t(N // cfg.BN, M, dtype=f32))
+            for cfg in (default_config("recompute", class_name("many", dt.itemsize), arch=arch),
+                        default_config("recompute", class_name("few", dt.itemsize), arch=arch)):
+                p = L.plan_main(x=t(M, Kd, dtype=dt), weight=t(N, Kd, dtype=dt), bias=t(N, dtype=dt),
+                                U=t(T, N, 16, dtype=dt), z=t(M, 16, dtype=f32), gate=t(M, dtype=f32), skip=None,
+                                residual=None, out=t(M, N, dtype=dt), rows=rows(True), cfg=cfg, scaling=0.5,
+                                act=2, dy=t(M, N, dtype=dt), dgate_part=t(N // cfg.BN, M, dtype=f32))
                 plans.append((f"{tag(dt)}-bwd-recompute", _cfg_name(cfg), p))
 
     # proj pre-pass and z
@@ -126,14 +126,15 @@ def build_plans(arch: int, quick: bool = False):
             for r in ((16, 32) if dt == torch.bfloat16 else (16,)):
                 for grouped in (True, False) if cfg.tma else (True,):  # ungrouped: x through TMA
                     lead = (T,) if grouped else ()
-                    p = L.plan_proj(t(M, Kd, dtype=dt), t(*lead, r, Kd, dtype=dt), t(*lead, r * r, Kd, dtype=dt),
-                                    t(M, r + r * r, dtype=f32), rows(grouped), cfg)
+                    p = L.plan_proj(x=t(M, Kd, dtype=dt), V=t(*lead, r, Kd, dtype=dt),
+                                    G=t(*lead, r * r, Kd, dtype=dt), proj=t(M, r + r * r, dtype=f32),
+                                    rows=rows(grouped), cfg=cfg)
                     plans.append((f"{tag(dt)}-r{r}" + ("" if grouped else "-plain"), _cfg_name(cfg), p))
     for r in (1, 4, 16, 32):
-        p = L.plan_z(t(M, r + r * r, dtype=f32), t(M, r, dtype=f32), rows(True), r)
+        p = L.plan_z(proj=t(M, r + r * r, dtype=f32), z=t(M, r, dtype=f32), rows=rows(True), R=r)
         plans.append((f"r{r}", f"BMZ{p.constexprs['BMZ']}", p))
 
-    # dx (one pass over dpre), with and without the dx GEMM; ranks > 16 get the "-wide" default
+    # dx (one pass over dpre), with and without the dx GEMM; ranks > 16 get the "-rank>16" default
     def dx_plan(dt, cfg, variant):
         r = 32 if variant == "full-r32" else 16
         dyn = variant != "bilinear-rowscale"
@@ -142,33 +143,35 @@ def build_plans(arch: int, quick: bool = False):
         grouped = variant != "plain"  # plain: one task, rows in order (dpre through TMA with tma=True)
         lead = (T,) if grouped else ()
         p = L.plan_dx(
-            t(M, N, dtype=dt), t(M, dtype=f32) if variant == "bilinear-rowscale" else None,
-            t(*lead, N, Kd, dtype=dt), t(*lead, N, r, dtype=dt), t(*lead, r, Kd, dtype=dt),
-            t(*lead, r * r, Kd, dtype=dt) if dyn else None, t(M, C, dtype=f32),
-            t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
-            t(M, C, dtype=f32), t(Kd // cfg.BK, M, dtype=f32) if need_dx else None,
-            rows(grouped), cfg, scaling=0.5, need_dx=need_dx)
+            dp=t(M, N, dtype=dt), rowscale=t(M, dtype=f32) if variant == "bilinear-rowscale" else None,
+            weight=t(*lead, N, Kd, dtype=dt), U=t(*lead, N, r, dtype=dt), V=t(*lead, r, Kd, dtype=dt),
+            G=t(*lead, r * r, Kd, dtype=dt) if dyn else None, proj=t(M, C, dtype=f32),
+            dy=t(M, N, dtype=dt), skip=t(M, dtype=f32), x=t(M, Kd, dtype=dt), dx=t(M, Kd, dtype=dt),
+            dproj=t(M, C, dtype=f32), dskip_part=t(Kd // cfg.BK, M, dtype=f32) if need_dx else None,
+            rows=rows(grouped), cfg=cfg, scaling=0.5, need_dx=need_dx)
         plans.append((f"{tag(dt)}-{variant}", _cfg_name(cfg), p))
 
     for dt in (torch.bfloat16, f32):
         for cfg in configs("dx", dt):
             for variant in ("full-r16", "bilinear-rowscale", "rterms-only") + (("plain",) if cfg.tma else ()):
                 dx_plan(dt, cfg, variant)
-        dx_plan(dt, default_config("dx", "large" + bits(dt), rank=32, arch=arch), "full-r32")
+        dx_plan(dt, default_config("dx", class_name("many", dt.itemsize), rank=32, arch=arch), "full-r32")
 
     # dx, "concat" design (TARP_FAST_DX=concat): the pre-pass (the dx kernel without its GEMM, on
     # the dx_pre tiles) for every rank class, then the dx GEMM over [dpre | dproj]
     for dt in (torch.bfloat16, f32):
-        for cfg in dict.fromkeys(default_config("dx_pre", size + bits(dt), arch=arch) for size in ("large", "small")):
+        for cfg in dict.fromkeys(default_config("dx_pre", class_name(rows, dt.itemsize), arch=arch)
+                                 for rows in ("many", "few")):
             for variant in ("full-r16", "bilinear-rowscale", "full-r32"):
                 r = 32 if variant == "full-r32" else 16
                 dyn = variant != "bilinear-rowscale"
                 C = r + r * r if dyn else r
                 p = L.plan_dx(
-                    t(M, N, dtype=dt), t(M, dtype=f32) if not dyn else None, t(T, N, Kd, dtype=dt),
-                    t(T, N, r, dtype=dt), t(T, r, Kd, dtype=dt), t(T, r * r, Kd, dtype=dt) if dyn else None,
-                    t(M, C, dtype=f32), t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
-                    t(M, C, dtype=f32), None, rows(True), cfg, scaling=0.5, need_dx=False)
+                    dp=t(M, N, dtype=dt), rowscale=t(M, dtype=f32) if not dyn else None,
+                    weight=t(T, N, Kd, dtype=dt), U=t(T, N, r, dtype=dt), V=t(T, r, Kd, dtype=dt),
+                    G=t(T, r * r, Kd, dtype=dt) if dyn else None, proj=t(M, C, dtype=f32), dy=t(M, N, dtype=dt),
+                    skip=t(M, dtype=f32), x=t(M, Kd, dtype=dt), dx=t(M, Kd, dtype=dt), dproj=t(M, C, dtype=f32),
+                    dskip_part=None, rows=rows(True), cfg=cfg, scaling=0.5, need_dx=False)
                 plans.append((f"{tag(dt)}-pre-{variant}", _cfg_name(cfg), p))
         for cfg in configs("dx_concat", dt):
             for variant in ("full-r16", "full-r32", "bilinear-rowscale") + (("plain",) if cfg.tma else ()):
@@ -178,10 +181,11 @@ def build_plans(arch: int, quick: bool = False):
                 grouped = variant != "plain"
                 lead = (T,) if grouped else ()
                 p = L.plan_dx_concat(
-                    t(M, N, dtype=dt), t(M, dtype=f32) if not dyn else None, t(*lead, N, Kd, dtype=dt),
-                    t(*lead, r, Kd, dtype=dt), t(*lead, r * r, Kd, dtype=dt) if dyn else None, t(M, C, dtype=f32),
-                    t(M, N, dtype=dt), t(M, dtype=f32), t(M, Kd, dtype=dt), t(M, Kd, dtype=dt),
-                    t(Kd // cfg.BK, M, dtype=f32), rows(grouped), cfg)
+                    dp=t(M, N, dtype=dt), rowscale=t(M, dtype=f32) if not dyn else None,
+                    weight=t(*lead, N, Kd, dtype=dt), V=t(*lead, r, Kd, dtype=dt),
+                    G=t(*lead, r * r, Kd, dtype=dt) if dyn else None, dproj=t(M, C, dtype=f32),
+                    dy=t(M, N, dtype=dt), skip=t(M, dtype=f32), x=t(M, Kd, dtype=dt), dx=t(M, Kd, dtype=dt),
+                    dskip_part=t(Kd // cfg.BK, M, dtype=f32), rows=rows(grouped), cfg=cfg)
                 plans.append((f"{tag(dt)}-concat-{variant}", _cfg_name(cfg), p))
 
     # segmented weight gradients: dW (+db), dU (fp32 z operand), [dV; dG] (fp32 dproj operand)
@@ -198,20 +202,21 @@ def build_plans(arch: int, quick: bool = False):
                  False),
             ]
             for variant, Lm, Rm, rs, out, ls, A, B, grouped in specs:
-                p = L.plan_wgrad(Lm, Rm, rs, out, ls, rows(grouped), cfg, A=A, B=B, per_task=grouped, r_scale=0.5)
+                p = L.plan_wgrad(L=Lm, Rm=Rm, rowscale=rs, out=out, lsum=ls, rows=rows(grouped), cfg=cfg, A=A, B=B,
+                                 per_task=grouped, r_scale=0.5)
                 plans.append((f"{tag(dt)}-{variant}", _cfg_name(cfg), p))
 
     # multiplicative term
     for dt in (torch.bfloat16, f32):
-        cfg = default_config("scale", "large" + bits(dt), arch=arch)
-        cfg_b = default_config("scale_bwd", "large" + bits(dt), arch=arch)
+        cfg = default_config("scale", class_name("many", dt.itemsize), arch=arch)
+        cfg_b = default_config("scale_bwd", class_name("many", dt.itemsize), arch=arch)
         for q in (4, 32):
-            p = L.plan_scale(t(N, Kd, dtype=dt), t(T, N, q, dtype=dt), t(T, q, Kd, dtype=dt),
-                             t(T, N, Kd, dtype=dt), 0.54, cfg)
+            p = L.plan_scale(weight=t(N, Kd, dtype=dt), P=t(T, N, q, dtype=dt), Q=t(T, q, Kd, dtype=dt),
+                             out=t(T, N, Kd, dtype=dt), offset=0.54, cfg=cfg)
             plans.append((f"{tag(dt)}-q{q}", _cfg_name(cfg), p))
-            p = L.plan_scale_bwd(t(T, N, Kd, dtype=dt), t(N, Kd, dtype=dt), t(T, N, q, dtype=dt),
-                                 t(T, q, Kd, dtype=dt), t(N, Kd, dtype=dt), t(T, N, Kd, dtype=f32),
-                                 0.54, cfg_b, True, True)
+            p = L.plan_scale_bwd(dwe=t(T, N, Kd, dtype=dt), weight=t(N, Kd, dtype=dt), P=t(T, N, q, dtype=dt),
+                                 Q=t(T, q, Kd, dtype=dt), dw=t(N, Kd, dtype=dt), y=t(T, N, Kd, dtype=f32),
+                                 offset=0.54, cfg=cfg_b, need_w=True, need_pq=True)
             plans.append((f"{tag(dt)}-q{q}", _cfg_name(cfg_b), p))
 
     # row schedule (sort and tile table): a full chunk and the smallest, few and many tasks

@@ -1,8 +1,9 @@
-"""Validation and normalization of `tarp_linear` arguments, shared by every backend.
+"""Validation and normalization of `tarp_linear` arguments: one call object for every backend.
 
-Every backend (reference, triton, native) calls :func:`check_tarp_args` first, so that a bad
-argument produces the same clear error whichever backend runs. Errors name the argument, what
-was expected and what was given. No `assert` is used: the checks hold under ``python -O``.
+:func:`check_tarp_args` checks a call once and returns a :class:`TarpCall` (sizes, normalized
+tensors, derived flags) that every backend's ``run(call)`` takes, so a bad argument gives the same
+error whichever backend runs. Errors name the argument, what was expected and what was given;
+no ``assert`` is used, so the checks hold under ``python -O``.
 
 Shape contract (DESIGN.md §2), with ``M`` the number of rows after flattening ``x [..., K]``:
 
@@ -28,8 +29,9 @@ A 1-D gate whose length is ``T`` is read per task when ``task_index`` is given (
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -70,17 +72,110 @@ class TarpSpec:
     device: torch.device
 
 
+class Needs(NamedTuple):
+    """Which inputs of a call need a gradient (the order of the native op's ``needs`` bits).
+
+    Read by :attr:`TarpCall.needs` from ``requires_grad`` under grad mode, and by each backward
+    from its autograd context. ``residual`` is not listed: its gradient is ``dy`` itself.
+    """
+
+    x: bool = False
+    weight: bool = False
+    bias: bool = False
+    U: bool = False
+    V: bool = False
+    G: bool = False
+    P: bool = False
+    Q: bool = False
+    gate: bool = False
+    skip_gate: bool = False
+
+    @classmethod
+    def from_bits(cls, mask: int) -> Needs:
+        """The flags of a ``native_tarp_bwd`` bit mask (bit i = field i, csrc/tarp_common.h)."""
+        return cls(*((mask >> i) & 1 == 1 for i in range(len(cls._fields))))
+
+
+NO_NEEDS = Needs()
+
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
+@dataclass(frozen=True)
+class TarpCall:
+    """One validated `tarp_linear` call, normalized once for every backend.
+
+    Tensors: ``x [M, K]`` (``x [..., K]`` flattened), ``weight``, ``bias`` and the factors
+    contiguous, ``task_index [M]`` contiguous int64, ``residual [M, N]`` contiguous; each ``None``
+    when not given. ``gate`` / ``skip_gate`` are kept as given (``None``, a Python number or a
+    tensor; their kinds are in ``spec``): :meth:`gate_rows` reads them per row in the dtype a
+    backend computes in, and the native op takes them as they are.
+
+    Derived flags: ``grouped`` (:func:`rows_grouped`: the fused kernels regroup the rows), ``act``
+    (the activation's code, ``none=0, relu=1, gelu_tanh=2``, shared with csrc/tarp_common.h) and
+    ``needs`` (which inputs require a gradient, a :class:`Needs`; read when asked, as only the
+    native backend asks).
+    """
+
+    spec: TarpSpec
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    U: Optional[torch.Tensor]
+    V: Optional[torch.Tensor]
+    G: Optional[torch.Tensor]
+    P: Optional[torch.Tensor]
+    Q: Optional[torch.Tensor]
+    task_index: Optional[torch.Tensor]
+    gate: GateLike
+    skip_gate: GateLike
+    residual: Optional[torch.Tensor]
+    scaling: float
+    scale_offset: float
+    activation: str
+    act: int
+    hard_skip: bool
+    grouped: bool
+
+    @property
+    def needs(self) -> Needs:
+        """Which inputs require a gradient now (all False outside grad mode)."""
+        if not torch.is_grad_enabled():
+            return NO_NEEDS
+        return Needs(*(isinstance(t, torch.Tensor) and t.requires_grad for t in (
+            self.x, self.weight, self.bias, self.U, self.V, self.G, self.P, self.Q, self.gate, self.skip_gate)))
+
+    def gate_rows(self, which: str, dtype: torch.dtype, gather: Optional[Callable] = None):
+        """``gate`` or ``skip_gate`` (``which``) as used per row: ``None``, a Python float, or a
+        0-d / ``[M]`` tensor of ``dtype`` (a per-task ``[T]`` gate read per row by ``task_index``,
+        with ``gather(g, task_index)`` when given, else by indexing)."""
+        g = self.gate if which == "gate" else self.skip_gate
+        if not isinstance(g, torch.Tensor):
+            return None if g is None else float(g)
+        g = g.to(dtype)
+        kind = self.spec.gate_kind if which == "gate" else self.spec.skip_kind
+        if kind == "task":
+            return gather(g, self.task_index) if gather is not None else g[self.task_index]
+        return g
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.contiguous() if t is not None else None
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _check_device(name: str, t: torch.Tensor, x: torch.Tensor, where: str = "the same device as x") -> None:
+    if t.device != x.device:
+        raise RuntimeError(f"tarp_linear: argument '{name}' must be on {where} ({x.device}), got {t.device}")
 
 
 def _check_tensor(name: str, t, x: torch.Tensor, *, floating: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"tarp_linear: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
-    if t.device != x.device:
-        raise RuntimeError(
-            f"tarp_linear: argument '{name}' must be on the same device as x ({x.device}), got {t.device}"
-        )
+    _check_device(name, t, x)
     if floating and t.dtype != x.dtype:
         raise TypeError(
             f"tarp_linear: argument '{name}' must have the dtype of x ({x.dtype}), got {t.dtype}"
@@ -124,10 +219,7 @@ def _gate_kind(name: str, g: GateLike, x: torch.Tensor, M: int, T: int, multi: b
         raise TypeError(
             f"tarp_linear: argument '{name}' must be None, a float or a tensor, got {type(g).__name__}"
         )
-    if g.device != x.device:
-        raise RuntimeError(
-            f"tarp_linear: argument '{name}' must be on the same device as x ({x.device}), got {g.device}"
-        )
+    _check_device(name, g, x)
     if not g.is_floating_point():
         raise TypeError(f"tarp_linear: argument '{name}' must be a floating tensor, got {g.dtype}")
     if g.dim() == 0:
@@ -159,8 +251,8 @@ def check_tarp_args(
     residual=None,
     activation="none",
     hard_skip=False,
-) -> TarpSpec:
-    """Validate a `tarp_linear` call and return its :class:`TarpSpec`.
+) -> TarpCall:
+    """Validate a `tarp_linear` call and return it as a :class:`TarpCall` (sizes in ``call.spec``).
 
     Raises ``TypeError`` for wrong types/dtypes, ``ValueError`` for wrong shapes or values and
     ``RuntimeError`` for device mismatches. Task indices are not range-checked here (that needs a
@@ -211,10 +303,7 @@ def check_tarp_args(
             )
         if task_index.dtype != torch.int64:
             raise TypeError(f"tarp_linear: argument 'task_index' must be int64, got {task_index.dtype}")
-        if task_index.device != x.device:
-            raise RuntimeError(
-                f"tarp_linear: argument 'task_index' must be on the device of x ({x.device}), got {task_index.device}"
-            )
+        _check_device("task_index", task_index, x, "the device of x")
 
     # ---- which arguments go together -----------------------------------------------------------
     if (U is None) != (V is None):
@@ -345,22 +434,30 @@ def check_tarp_args(
             f"N={N} as in {', '.join(others)}), got {_shape(residual)}"
         )
 
-    return TarpSpec(
+    spec = TarpSpec(
         M=M, K=K, N=N, rank=rank, scale_rank=scale_rank, num_tasks=T,
         has_bias=bias is not None, has_delta=U is not None, dynamic=G is not None,
         has_scale=P is not None, multi_task=multi, gate_kind=gate_kind, skip_kind=skip_kind,
         has_residual=residual is not None, activation=activation, hard_skip=hard_skip,
         out_shape=out_shape, dtype=x.dtype, device=x.device,
     )
+    return TarpCall(
+        spec=spec, x=(x if x.dim() == 2 else x.reshape(M, K)).contiguous(), weight=weight.contiguous(),
+        bias=_contiguous(bias),
+        U=_contiguous(U), V=_contiguous(V), G=_contiguous(G), P=_contiguous(P), Q=_contiguous(Q),
+        task_index=_contiguous(task_index), gate=gate, skip_gate=skip_gate,
+        residual=residual.reshape(M, N).contiguous() if residual is not None else None,
+        scaling=float(scaling), scale_offset=float(scale_offset), activation=activation,
+        act=ACTIVATION_CODES[activation], hard_skip=hard_skip,
+        grouped=rows_grouped(multi and (rank > 0 or P is not None), hard_skip and gate_kind != "none"),
+    )
 
 
-def gate_rows(g: GateLike, kind: str, task_index: Optional[torch.Tensor], dtype: torch.dtype):
-    """Return a gate as used per row: ``None``, a float, or a 0-d / ``[M]`` tensor of ``dtype``."""
-    if isinstance(g, torch.Tensor):
-        g = g.to(dtype)
-        if kind == "task":
-            return g[task_index]
-    return g
+def rows_grouped(per_task: bool, drops_rows: bool) -> bool:
+    """Whether the fused kernels regroup the rows of a call: by task when a per-task factor is
+    read (``task_index`` with ``U`` of rank > 0 or ``P``), kept rows first when ``hard_skip`` has a
+    gate to drop rows by. Otherwise tiles are plain row ranges (no schedule is built)."""
+    return per_task or drops_rows
 
 
 def check_task_range(task_index: torch.Tensor, T: int) -> None:

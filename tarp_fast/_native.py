@@ -37,18 +37,14 @@ from typing import Optional
 
 import torch
 
-from ._contract import DEFAULT_SCALE_OFFSET, TarpSpec, check_tarp_args
+from ._contract import ACTIVATION_CODES, Needs, TarpCall, check_tarp_args
 from ._ext import load_extension
 
-__all__ = ["run_validated", "tarp_linear_native", "unavailable_reason", "preferred_for", "ACTIVATION_CODES", "GATE_CODES"]
+__all__ = ["run", "tarp_linear_native", "unavailable_reason", "preferred_for", "ACTIVATION_CODES", "GATE_CODES"]
 
-# Codes shared with csrc/tarp_common.h.
-ACTIVATION_CODES = {"none": 0, "relu": 1, "gelu_tanh": 2}
+# Codes shared with csrc/tarp_common.h (ACTIVATION_CODES too, from the contract; the bits of
+# native_tarp_bwd's ``needs`` are the fields of Needs in order: csrc/tarp_common.h NeedBit).
 GATE_CODES = {"none": 0, "scalar": 1, "row": 2, "task": 3}
-# Bits of native_tarp_bwd's ``needs`` (csrc/tarp_common.h NeedBit).
-_NEED_X, _NEED_W, _NEED_B, _NEED_U, _NEED_V, _NEED_G, _NEED_P, _NEED_Q, _NEED_GATE, _NEED_SKIP = (
-    1 << i for i in range(10)
-)
 
 _ready_lock = threading.Lock()
 _ready = False
@@ -113,11 +109,13 @@ def _fwd_fake(x, weight, bias, U, V, G, P, Q, task_index, gate, skip_gate, resid
 
 def _bwd_fake(dy, x, weight, U, V, G, P, Q, task_index, gate, skip_gate, pre, proj, scale, scaling, num_tasks,
               activation, gate_kind, gate_value, skip_kind, skip_value, hard_skip, needs):
-    def like(bit, t):
-        return t.new_empty(t.shape) if (needs & bit) and t is not None else _empty(x)
+    need = Needs.from_bits(needs)
 
-    def gate_grad(bit, kind):
-        if not (needs & bit) or kind == GATE_CODES["none"]:
+    def like(flag, t):
+        return t.new_empty(t.shape) if flag and t is not None else _empty(x)
+
+    def gate_grad(flag, kind):
+        if not flag or kind == GATE_CODES["none"]:
             return _empty(x)
         if kind == GATE_CODES["row"]:
             return x.new_empty((x.shape[0],))
@@ -125,9 +123,9 @@ def _bwd_fake(dy, x, weight, U, V, G, P, Q, task_index, gate, skip_gate, pre, pr
             return x.new_empty((num_tasks,))
         return x.new_empty(())
 
-    db = x.new_empty((weight.shape[0],)) if needs & _NEED_B else _empty(x)
-    return (like(_NEED_X, x), like(_NEED_W, weight), db, like(_NEED_U, U), like(_NEED_V, V), like(_NEED_G, G),
-            like(_NEED_P, P), like(_NEED_Q, Q), gate_grad(_NEED_GATE, gate_kind), gate_grad(_NEED_SKIP, skip_kind))
+    db = x.new_empty((weight.shape[0],)) if need.bias else _empty(x)
+    return (like(need.x, x), like(need.weight, weight), db, like(need.U, U), like(need.V, V), like(need.G, G),
+            like(need.P, P), like(need.Q, Q), gate_grad(need.gate, gate_kind), gate_grad(need.skip_gate, skip_kind))
 
 
 def _compact_rows_fake(gate):
@@ -162,77 +160,44 @@ def _gate_args(g, kind: str, dtype):
     return None, float(g), code  # a Python number: no tensor, no gradient
 
 
-def tarp_linear_native(
-    x,
-    weight,
-    bias=None,
-    U=None,
-    V=None,
-    G=None,
-    P=None,
-    Q=None,
-    *,
-    scaling=1.0,
-    scale_offset=DEFAULT_SCALE_OFFSET,
-    task_index=None,
-    gate=None,
-    skip_gate=None,
-    residual=None,
-    activation="none",
-    hard_skip=False,
-):
-    """`tarp_linear` on CPU with the native ops; same contract as :func:`tarp_fast.reference.tarp_linear`.
+def tarp_linear_native(*args, **kwargs):
+    """`tarp_linear` (the signature of :func:`tarp_fast.reference.tarp_linear`) on the native CPU
+    ops, without the dispatch of :mod:`tarp_fast.ops`: ``run(check_tarp_args(...))``.
 
     ``x [..., K]`` is flattened to ``[M, K]``; returns ``[..., N]`` in ``x``'s dtype. Rows dropped by
     ``hard_skip`` (gate == 0) cost only their epilogue; with ``task_index`` the rows are grouped per
     task inside the op so each per-task product is one GEMM. ``task_index`` values are
     range-checked (``ValueError``), like the reference.
     """
-    spec = check_tarp_args(
-        x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset, task_index=task_index,
-        gate=gate, skip_gate=skip_gate, residual=residual, activation=activation, hard_skip=hard_skip,
-    )
-    return run_validated(
-        spec, x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset, task_index=task_index,
-        gate=gate, skip_gate=skip_gate, residual=residual, activation=activation, hard_skip=hard_skip,
-    )
+    return run(check_tarp_args(*args, **kwargs))
 
 
-def run_validated(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, task_index, gate,
-                  skip_gate, residual, activation, hard_skip):
-    """The body of :func:`tarp_linear_native` for arguments already checked into ``spec``
-    (``tarp_fast.ops`` validates once and calls this: the check is ~9 us of a ~60 us small call)."""
-    if spec.device.type != "cpu":
-        raise RuntimeError(
-            f"tarp_linear: backend='native' runs on CPU tensors, got tensors on {spec.device}; "
-            "use backend='triton' or 'auto' on GPU"
-        )
+def run(call: TarpCall) -> torch.Tensor:
+    """The native backend's entry: one validated call (``tarp_fast.ops`` checks it once, CPU tensors
+    included, and calls this; the check is ~9 us of a ~60 us small call). Returns ``out_shape``."""
     if not _ready:
         _ensure_ready()
+    spec = call.spec
     # Kept lean: at the small adaptation shapes this wrapper's Python time is a visible share of
     # the step (every avoidable reshape/cast/lookup was measured at 1-3 us).
+    x, weight, bias, U, V, G, P, Q, res = (call.x, call.weight, call.bias, call.U, call.V, call.G, call.P,
+                                           call.Q, call.residual)
     dtype = out_dtype = x.dtype
     if dtype not in _NATIVE_DTYPES:
         dtype = torch.float32
-        x = x.to(dtype)
-        weight, bias, U, V, G, P, Q = (_cast(t, dtype) for t in (weight, bias, U, V, G, P, Q))
-        if residual is not None:
-            residual = residual.to(dtype)
-    x2 = x if x.dim() == 2 else x.reshape(spec.M, spec.K)
-    res2 = None
-    if residual is not None:
-        res2 = residual if residual.dim() == 2 else residual.reshape(spec.M, spec.N)
-    g, g_val, g_kind = _gate_args(gate, spec.gate_kind, dtype)
-    s, s_val, s_kind = _gate_args(skip_gate, spec.skip_kind, dtype)
+        x, weight, bias, U, V, G, P, Q, res = (_cast(t, dtype) for t in (x, weight, bias, U, V, G, P, Q, res))
+    g, g_val, g_kind = _gate_args(call.gate, spec.gate_kind, dtype)
+    s, s_val, s_kind = _gate_args(call.skip_gate, spec.skip_kind, dtype)
     # pre [M, N] is kept for the backward only when it reads it: act'(pre), or <dy, act(pre)>.
     save_pre = False
-    if torch.is_grad_enabled() and (activation != "none" or (g is not None and g.requires_grad)):
-        save_pre = any(isinstance(t, torch.Tensor) and t.requires_grad
-                       for t in (x2, weight, bias, U, V, G, P, Q, g, s, res2))
+    if call.act != 0 or isinstance(call.gate, torch.Tensor):
+        needs = call.needs
+        save_pre = (call.act != 0 or needs.gate) and (
+            any(needs) or (res is not None and res.requires_grad and torch.is_grad_enabled()))
     out = _FWD_OP()(
-        x2, weight, bias, U, V, G, P, Q, task_index, g, s, res2, float(scaling), float(scale_offset),
-        spec.num_tasks if spec.multi_task else 1, ACTIVATION_CODES[activation], g_kind, g_val, s_kind, s_val,
-        hard_skip, save_pre,
+        x, weight, bias, U, V, G, P, Q, call.task_index, g, s, res, call.scaling, call.scale_offset,
+        spec.num_tasks if spec.multi_task else 1, call.act, g_kind, g_val, s_kind, s_val,
+        call.hard_skip, save_pre,
     )[0]
     if out.dim() != len(spec.out_shape):
         out = out.reshape(spec.out_shape)
@@ -259,23 +224,13 @@ def _FWD_OP():
 # ---- when backend="auto" picks native on CPU ----------------------------------------------------
 
 
-def preferred_for(spec: TarpSpec) -> bool:
+def preferred_for(call: TarpCall) -> bool:
     """Whether ``backend="auto"`` runs this CPU call natively rather than with the reference.
 
-    Decision, by measurement (``pytest benchmarks/test_bench_native.py --benchmark-only``, also
-    with ``TARP_BENCH_THREADS=1``; float32, frozen base, torch 2.13 CPU, 2-core x86-64 with
-    AVX-512, native and reference timed interleaved in one run): native was at least as fast as
-    the reference in every one of the 38 (shape, mode) cells, with 1 and 2 threads: fwd+bwd
-    1.06-1.49x (M in {64, 512}, K = N in {128, 256, 768}, r in {4, 8, 16}) and 1.01-1.12x at
-    M=2048, K=N=1024, r=16; fwd 1.03-1.19x. With the epilogue's flags (``test_native_epilogue``:
-    gelu, relu, gelu with a per-row gate that requires grad, hard skip of half the rows, skip gate
-    with residual; M=64, K=N=256 and M=512, K=N=768, r=8): 1.05-1.49x, except relu fwd+bwd at
-    M=512, K=N=768, even (0.995-1.01x over runs); with the multiplicative term trained and with
-    four tasks (``test_native_factors``): 1.04-3.1x. Both run the same MKL GEMMs
-    (the op is GEMM-bound on CPU); native saves the per-op dispatch, the autograd bookkeeping and
-    the intermediates, so it never loses (it did, 0.45-0.70x with gelu and 0.82-0.94x with P, Q
-    trained, while those elementwise terms were scalar tanh / expm1 loops: they now run through
-    ATen's vectorized kernels). Hence: native for float32 and float64 on CPU, any shape. float16/bfloat16 are not
-    preferred: native computes them in float32 (upcast copies) and that trade was not measured.
+    Native for float32 and float64 on CPU, any shape: both run the same GEMMs (the op is GEMM-bound
+    on CPU) and native saves the per-op dispatch, the autograd bookkeeping and the intermediates,
+    so it was at least as fast as the reference in every cell measured
+    (``benchmarks/test_bench_native.py``; figures in ``benchmarks/results/``). float16/bfloat16
+    are not preferred: native computes them in float32 through upcast copies, a trade not measured.
     """
-    return spec.device.type == "cpu" and spec.dtype in _NATIVE_DTYPES
+    return call.spec.device.type == "cpu" and call.spec.dtype in _NATIVE_DTYPES

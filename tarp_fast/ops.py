@@ -1,7 +1,7 @@
 """The functional API and backend dispatch of tarp-fast.
 
-``tarp_linear`` is the one op of the library (DESIGN.md §2). It validates its arguments once,
-picks a backend and calls it:
+``tarp_linear`` is the one op of the library (DESIGN.md §2). It validates its arguments once into
+a :class:`~tarp_fast._contract.TarpCall`, picks a backend and calls its ``run(call)``:
 
 * ``reference``: plain PyTorch (:mod:`tarp_fast.reference`), always available, any device.
 * ``triton``: fused Triton kernels (:mod:`tarp_fast.kernels`), on CUDA tensors, or on CPU tensors
@@ -25,6 +25,7 @@ Triton nor the extension, and nothing here touches ``torch.cuda`` at import time
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from typing import Optional
 import torch
 
 from . import reference
-from ._contract import DEFAULT_SCALE_OFFSET, TarpSpec, check_tarp_args
+from ._contract import DEFAULT_SCALE_OFFSET, TarpCall, check_tarp_args
 
 __all__ = ["tarp_linear", "available_backends", "BACKENDS", "DEFAULT_SCALE_OFFSET"]
 
@@ -43,13 +44,13 @@ BACKENDS = ("auto", "reference", "triton", "native")
 _BACKEND_SOURCES: dict[str, tuple[str, str, str]] = {
     "triton": (
         "tarp_fast.kernels",
-        "run_validated",
+        "run",
         "install Triton >= 3.6 (`pip install triton`, Linux x86-64) and pass CUDA tensors, "
         "or set TRITON_INTERPRET=1 before starting Python to run the kernels on CPU",
     ),
     "native": (
         "tarp_fast._native",
-        "run_validated",
+        "run",
         "build the extension: `pip install .` without TARP_FAST_NO_EXT=1, with a C++ compiler; "
         "see tarp_fast.ext_info() for why it is missing",
     ),
@@ -66,7 +67,7 @@ def _load(name: str) -> tuple[Optional[Callable], Optional[str]]:
     Dynamo runs as plain Python at trace time instead of tracing ``importlib``.
     """
     if name == "reference":
-        return reference.run_validated, None
+        return reference.run, None
     if torch.compiler.is_compiling():
         _load_outside_trace(name)
     elif name not in _loaded:
@@ -108,10 +109,10 @@ def _unavailable(name: str, reason: str) -> RuntimeError:
     return RuntimeError(f"tarp_linear: backend='{name}' is unavailable: {reason}. Fix: {fix}")
 
 
-def _native_preferred(spec: TarpSpec) -> bool:
+def _native_preferred(call: TarpCall) -> bool:
     """Whether ``auto`` takes the native CPU backend for this call (the extension decides)."""
     prefer = getattr(_modules.get("native"), "preferred_for", None)
-    return bool(prefer(spec)) if prefer is not None else False
+    return bool(prefer(call)) if prefer is not None else False
 
 
 def _functorch_active() -> bool:
@@ -123,7 +124,9 @@ def _functorch_active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
-def _resolve(backend: str, spec: TarpSpec) -> Callable:
+def _resolve(backend: str, call: TarpCall) -> Callable:
+    """The ``run(call)`` of the backend that runs ``call`` (see the module docstring)."""
+    spec = call.spec
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"tarp_linear: argument 'backend' must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference" or _functorch_active():
@@ -131,14 +134,14 @@ def _resolve(backend: str, spec: TarpSpec) -> Callable:
         # node is C++ (functorch cannot transform it) and the Triton launches have no vmap rule;
         # the reference is plain differentiable PyTorch, so grad, vmap, jacrev, hessian and
         # second-order MAML all see the exact formula.
-        return reference.run_validated
+        return reference.run
     if backend == "auto":
         if spec.device.type == "cuda":
             fn, _ = _load("triton")
-            return fn if fn is not None else reference.run_validated
-        if spec.device.type == "cpu" and _load("native")[0] is not None and _native_preferred(spec):
+            return fn if fn is not None else reference.run
+        if spec.device.type == "cpu" and _load("native")[0] is not None and _native_preferred(call):
             return _load("native")[0]
-        return reference.run_validated
+        return reference.run
     if backend == "triton" and spec.device.type != "cuda" and not _interpreter_on():
         raise RuntimeError(
             f"tarp_linear: backend='triton' needs CUDA tensors, got tensors on {spec.device}; "
@@ -213,27 +216,18 @@ def tarp_linear(
 
     ``backend``: ``"auto" | "reference" | "triton" | "native"`` (see the module docstring).
     """
+    scope = contextlib.nullcontext()
     if isinstance(x, torch.Tensor) and _autocast_on(x.device.type):
         # Autocast: run in its dtype, like F.linear (float32 tensors cast, float64 left alone),
         # then without autocast, so every backend computes exactly as with those inputs.
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type)
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias, U, V, G, P, Q, gate, skip_gate, residual = (
             _autocast(t, dtype) for t in (x, weight, bias, U, V, G, P, Q, gate, skip_gate, residual))
-        with torch.autocast(device_type, enabled=False):
-            return tarp_linear(
-                x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-                task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-                activation=activation, hard_skip=hard_skip, backend=backend,
-            )
-    spec = check_tarp_args(
-        x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
-    fn = _resolve(backend, spec)  # every backend's run_validated: the arguments are checked once
-    return fn(
-        spec, x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
+        scope = torch.autocast(x.device.type, enabled=False)
+    with scope:
+        call = check_tarp_args(
+            x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
+            task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
+            activation=activation, hard_skip=hard_skip,
+        )
+        return _resolve(backend, call)(call)

@@ -32,15 +32,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._contract import (
-    DEFAULT_SCALE_OFFSET,
-    TarpSpec,
-    check_tarp_args,
-    check_task_range,
-    gate_rows,
-)
+from ._contract import DEFAULT_SCALE_OFFSET, TarpCall, TarpSpec, check_tarp_args, check_task_range
 
-__all__ = ["tarp_linear", "run_validated", "DEFAULT_SCALE_OFFSET", "activation_fn"]
+__all__ = ["tarp_linear", "run", "DEFAULT_SCALE_OFFSET", "activation_fn"]
 
 
 def activation_fn(name: str, pre: torch.Tensor) -> torch.Tensor:
@@ -187,35 +181,29 @@ def tarp_linear(
     Returns:
         ``[..., N]`` tensor of ``x``'s dtype.
     """
-    spec = check_tarp_args(
+    return run(check_tarp_args(
         x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
         task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
         activation=activation, hard_skip=hard_skip,
-    )
-    return run_validated(
-        spec, x, weight, bias, U, V, G, P, Q, scaling=scaling, scale_offset=scale_offset,
-        task_index=task_index, gate=gate, skip_gate=skip_gate, residual=residual,
-        activation=activation, hard_skip=hard_skip,
-    )
+    ))
 
 
-def run_validated(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, task_index, gate,
-                  skip_gate, residual, activation, hard_skip):
-    """The body of :func:`tarp_linear` for arguments already checked into ``spec`` (by
-    :func:`tarp_fast.ops.tarp_linear`, which validates once for every backend)."""
+def run(call: TarpCall) -> torch.Tensor:
+    """The reference backend's entry: :func:`tarp_linear` of an already validated call (the one
+    :func:`tarp_fast.ops.tarp_linear` builds once for every backend). Returns ``call.spec.out_shape``."""
+    spec, task_index = call.spec, call.task_index
     if spec.multi_task:
         if torch.compiler.is_compiling():  # no host sync inside a trace: checked on the device
             torch._assert_async((task_index >= 0).all() & (task_index < spec.num_tasks).all(),
                                 f"tarp_linear: argument 'task_index' must hold values in [0, {spec.num_tasks})")
         else:
             check_task_range(task_index, spec.num_tasks)
-    scaling, scale_offset = float(scaling), float(scale_offset)
-    x2 = x.reshape(spec.M, spec.K)
-    g = gate_rows(gate, spec.gate_kind, task_index, x.dtype)
-    sg = gate_rows(skip_gate, spec.skip_kind, task_index, x.dtype)
-    factors = (weight, bias, U, V, G, P, Q, scaling, scale_offset)
+    x2 = call.x
+    g = call.gate_rows("gate", x2.dtype)
+    sg = call.gate_rows("skip_gate", x2.dtype)
+    factors = (call.weight, call.bias, call.U, call.V, call.G, call.P, call.Q, call.scaling, call.scale_offset)
 
-    if hard_skip and g is not None:
+    if call.hard_skip and g is not None:
         out = _hard_skip_rows(spec, x2, g, factors, task_index)
     else:
         out = _activated(spec, x2, *factors, task_index)
@@ -223,10 +211,9 @@ def run_validated(spec: TarpSpec, x, weight, bias, U, V, G, P, Q, *, scaling, sc
             out = out * (g.unsqueeze(-1) if isinstance(g, torch.Tensor) and g.dim() == 1 else g)
     if sg is not None:
         out = out + x2 * (sg.unsqueeze(-1) if isinstance(sg, torch.Tensor) and sg.dim() == 1 else sg)
-    out = out.reshape(spec.out_shape)
-    if residual is not None:
-        out = out + residual
-    return out
+    if call.residual is not None:
+        out = out + call.residual
+    return out.reshape(spec.out_shape)
 
 
 def _hard_skip_rows(spec, x2, g, factors, task_index):

@@ -13,13 +13,12 @@ Every call goes through the public ``tarp_fast.ops.tarp_linear(..., backend=...)
 validates in Python before it dispatches. Error cases check the exception type and that the
 message names the wrong argument (``'weight'`` ...). Value cases compare the output and every
 gradient with ``tarp_fast.reference.tarp_linear`` in float64 on the same (rounded) values in a
-plain layout: float64 backends within a relative 1e-9, float32 within 2x the error of eager
-PyTorch at float32 (the reference run in float32) with a floor of 2e-5, measured with
-``conftest.max_rel_err`` as in ``test_native.py`` and ``test_triton_interpreter.py``. Buffers a
-kernel forgets to write are caught: CPU runs under ``torch.use_deterministic_algorithms(True)``
-(fresh ``empty`` tensors hold NaN) and the Triton backend under ``poison_outputs()``.
+plain layout, by the rule of ``tests/oracle.py`` (every tier's): at most 2x the error of eager
+PyTorch at the same precision plus a floor per dtype. Buffers a kernel forgets to write are
+caught: CPU runs under ``torch.use_deterministic_algorithms(True)`` (fresh ``empty`` tensors hold
+NaN) and the Triton backend under ``poison_outputs()``.
 
-Inputs come from ``conftest.make_problem`` and ``torch.Generator``s seeded per case, so a case's
+Inputs come from ``oracle.make_problem`` and ``torch.Generator``s seeded per case, so a case's
 inputs do not depend on which tests ran before it.
 """
 
@@ -31,14 +30,14 @@ import zlib
 
 import pytest
 import torch
-from conftest import make_problem, max_rel_err
+from oracle import make_problem, tolerance
+from oracle import rel_err as max_rel_err
 
 import tarp_fast
 from tarp_fast import ops, reference
 
 ARG_NAMES = ("x", "weight", "bias", "U", "V", "G", "P", "Q")
 KW_TENSORS = ("gate", "skip_gate", "residual")
-FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 TRITON_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -163,9 +162,7 @@ def _cpu_env(dtype):
 
 
 def _tolerance(env: Env, eager, ref) -> float:
-    if env.dtype == torch.float64:
-        return FLOOR[torch.float64]
-    return max(2.0 * max_rel_err(eager, ref), FLOOR[env.dtype])
+    return tolerance(eager, ref, env.dtype)
 
 
 def _dy(p, tag, ones=False):

@@ -43,7 +43,7 @@ def test_autotuning_keeps_the_fastest_candidate_per_bucketed_key(tuning, name):
     bench = _fake_bench(winner, calls)
     got = config_for(name, 700, 2, arch=90, key=(4096, 4096, 16, False), bench=bench)
     assert got == winner
-    assert set(calls) == set([default_config(name, "large16", arch=90)] + cands)  # each timed once
+    assert set(calls) == set([default_config(name, "many-rows-16bit", arch=90)] + cands)  # each timed once
     n = len(calls)
     # the same bucket (M rounded up to a power of two: 1024) reuses the choice, no new timing
     assert config_for(name, 1000, 2, arch=90, key=(4096, 4096, 16, False), bench=bench) == winner
@@ -58,15 +58,15 @@ def test_tma_candidates_are_hopper_only():
     assert any(c.tma for c in candidates("fwd", 90)) and any(c.tma for c in candidates("dx", 90))
     assert not any(c.tma for c in candidates("fwd", 80) + candidates("dx", 80))
     assert not any(default_config(k, cls, arch=a).tma for k in ("fwd", "dx", "proj", "wgrad")
-                   for cls in ("small16", "large16", "small32", "large32") for a in (80, 90))
+                   for cls in ("few-rows-16bit", "many-rows-16bit", "few-rows-32bit", "many-rows-32bit") for a in (80, 90))
 
 
 def test_no_tuning_without_the_switch_for_fp32_or_without_a_bench(tuning, monkeypatch):
     calls = []
     bench = _fake_bench(candidates("fwd", 90)[-1], calls)
-    default = default_config("fwd", "large16", arch=90)
+    default = default_config("fwd", "many-rows-16bit", arch=90)
     assert config_for("fwd", 700, 2, arch=90, bench=None) == default  # CPU / graph capture: no bench
-    assert config_for("fwd", 700, 4, arch=90, bench=bench) == default_config("fwd", "large32", arch=90)
+    assert config_for("fwd", 700, 4, arch=90, bench=bench) == default_config("fwd", "many-rows-32bit", arch=90)
     monkeypatch.setenv("TARP_FAST_AUTOTUNE", "0")
     assert config_for("fwd", 700, 2, arch=90, bench=bench) == default
     assert calls == []
@@ -77,7 +77,7 @@ def test_a_tuned_choice_applies_where_nothing_can_be_timed(tuning):
     its eager warm-up tuned, not the defaults."""
     winner = candidates("fwd", 90)[-1]
     key = dict(arch=90, key=(4096, 4096, 16, False))
-    assert config_for("fwd", 700, 2, bench=None, **key) == default_config("fwd", "large16", arch=90)
+    assert config_for("fwd", 700, 2, bench=None, **key) == default_config("fwd", "many-rows-16bit", arch=90)
     assert config_for("fwd", 700, 2, bench=_fake_bench(winner, []), **key) == winner
     assert config_for("fwd", 700, 2, bench=None, **key) == winner
 

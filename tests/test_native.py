@@ -18,6 +18,7 @@ import textwrap
 import pytest
 import torch
 from conftest import make_problem, max_rel_err
+from oracle import compare
 
 import tarp_fast
 from tarp_fast import ops, reference
@@ -68,29 +69,9 @@ def _describe(**flags):
     return ", ".join(f"{k}={v}" for k, v in flags.items())
 
 
-def _compare(p, *, rtol, what, eager_rtol_factor=None):
-    """Native vs reference on problem p (float64 reference as the truth)."""
-    p64 = p.to(torch.float64)
-    ref64, g64, dy = _out_and_grads(reference.tarp_linear, p64)
-    dy_p = dy.to(p.x.dtype)
-    out, g, _ = _out_and_grads(native, p, dy_p)
-    assert out.dtype == p.x.dtype and out.shape == ref64.shape, what
-    if eager_rtol_factor is not None:
-        eager, ge, _ = _out_and_grads(reference.tarp_linear, p, dy_p)
-    results = {"out": (out, ref64, eager if eager_rtol_factor else None)}
-    for k, ref in g64.items():
-        if ref is None:
-            assert g[k] is None or float(g[k].abs().max() if g[k].numel() else 0) == 0.0, f"{what}: grad {k}"
-            continue
-        assert g[k] is not None, f"{what}: no gradient for {k}"
-        results[k] = (g[k], ref, ge[k] if eager_rtol_factor else None)
-    for k, (mine, ref, eager_val) in results.items():
-        assert mine.shape == ref.shape, f"{what}: {k} shape {tuple(mine.shape)} != {tuple(ref.shape)}"
-        err = max_rel_err(mine, ref)
-        bound = rtol
-        if eager_val is not None:  # the kernel error is at most 2x eager's at the same precision
-            bound = max(eager_rtol_factor * max_rel_err(eager_val, ref), rtol)
-        assert err <= bound, f"{what}: {k} rel err {err:.2e} > {bound:.2e}"
+def _compare(p, *, what):
+    """Native vs the float64 reference on problem p, by the oracle's rule (tests/oracle.py)."""
+    compare(native, p, p.x.dtype, what=what)
 
 
 @pytest.mark.parametrize("hard_skip", [False, True])
@@ -108,7 +89,7 @@ def test_every_flag_float64(T, activation, hard_skip):
                          activation=activation, hard_skip=hard_skip)
         p = _problem(T=T, variant=variant, M=11, K=9, N=9, r=3, q=2, scale=scale, gate=gate, skip_gate=skip,
                      residual=residual, activation=activation, hard_skip=hard_skip)
-        _compare(p, rtol=1e-9, what=what)
+        _compare(p, what=what)
 
 
 @pytest.mark.parametrize("T", [1, 4])
@@ -120,7 +101,7 @@ def test_float32_error_at_most_twice_eager(T, activation):
         what = _describe(T=T, variant=variant, gate=gate, skip=skip, activation=activation)
         p = _problem(T=T, variant=variant, M=70, K=48, N=48, r=5, q=3, scale=True, gate=gate, skip_gate=skip,
                      residual=True, activation=activation, hard_skip=gate == "zero_rows", dtype=torch.float32)
-        _compare(p, rtol=3e-6, what=what, eager_rtol_factor=2.0)
+        _compare(p, what=what)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +114,7 @@ def test_zero_size_and_odd_shapes(M, K, N, r, T, gate):
     skip = "row" if K == N else None
     p = _problem(T=T, M=M, K=K, N=N, r=r, gate=gate, skip_gate=skip, residual=True, activation="gelu_tanh",
                  hard_skip=True)
-    _compare(p, rtol=1e-9, what=_describe(M=M, K=K, N=N, r=r, T=T, gate=gate))
+    _compare(p, what=_describe(M=M, K=K, N=N, r=r, T=T, gate=gate))
 
 
 def test_all_rows_dropped_and_no_rows_dropped():
@@ -141,16 +122,16 @@ def test_all_rows_dropped_and_no_rows_dropped():
         p = _problem(T=2, M=10, K=6, N=6, gate="row", skip_gate="row", residual=True, hard_skip=True,
                      activation="relu")
         p.kw["gate"] = torch.full((10,), fill, dtype=torch.float64)
-        _compare(p, rtol=1e-9, what=f"gate={fill}")
+        _compare(p, what=f"gate={fill}")
     p = _problem(M=10, K=6, N=6, gate="scalar", hard_skip=True)
     p.kw["gate"] = torch.tensor(0.0, dtype=torch.float64)
-    _compare(p, rtol=1e-9, what="scalar gate 0")
+    _compare(p, what="scalar gate 0")
 
 
 def test_python_number_gates_and_leading_dims_and_noncontiguous():
     p = _problem(T=1, lead=(2, 3), K=8, N=8, r=2, residual=True, activation="relu")
     p.kw.update(gate=0.5, skip_gate=-1.25)
-    _compare(p, rtol=1e-9, what="python gates, lead dims")
+    _compare(p, what="python gates, lead dims")
     # Non-contiguous x, weight and factors (transposed storage).
     p = _problem(T=3, M=9, K=7, N=7, r=3, gate="task", skip_gate="row", residual=True)
     p.x = p.x.t().contiguous().t()
@@ -158,7 +139,7 @@ def test_python_number_gates_and_leading_dims_and_noncontiguous():
     p.G = p.G.transpose(-1, -2).contiguous().transpose(-1, -2)
     p.kw["residual"] = p.kw["residual"].t().contiguous().t()
     assert not p.x.is_contiguous() and not p.weight.is_contiguous()
-    _compare(p, rtol=1e-9, what="non-contiguous")
+    _compare(p, what="non-contiguous")
 
 
 def test_hard_skip_rows_exact_and_gate_grad_zero():

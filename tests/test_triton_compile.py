@@ -104,12 +104,12 @@ def test_rank_above_16_takes_the_wide_tiles_where_a_table_has_them():
     from tarp_fast.kernels._configs import KernelConfig, default_config
 
     # sm_80: the forward and dx have their own r > 16 tiles (the r <= 16 ones spill there)
-    assert default_config("fwd", "large16", rank=32, arch=80) == KernelConfig(64, 64, 64, num_warps=4)
-    assert default_config("fwd", "large16", rank=16, arch=80) == KernelConfig(128, 64, 64, num_warps=8)
-    assert default_config("dx", "large16", rank=32, arch=80) == KernelConfig(64, 64, 32, num_warps=4)
+    assert default_config("fwd", "many-rows-16bit", rank=32, arch=80) == KernelConfig(64, 64, 64, num_warps=4)
+    assert default_config("fwd", "many-rows-16bit", rank=16, arch=80) == KernelConfig(128, 64, 64, num_warps=8)
+    assert default_config("dx", "many-rows-16bit", rank=32, arch=80) == KernelConfig(64, 64, 32, num_warps=4)
     # sm_90: the forward has one tile for every rank, dx halves its K tile
-    assert default_config("fwd", "large16", rank=32, arch=90) == default_config("fwd", "large16", arch=90)
-    assert default_config("dx", "large16", rank=32, arch=90) == KernelConfig(128, 64, 64, num_warps=8)
+    assert default_config("fwd", "many-rows-16bit", rank=32, arch=90) == default_config("fwd", "many-rows-16bit", arch=90)
+    assert default_config("dx", "many-rows-16bit", rank=32, arch=90) == KernelConfig(128, 64, 64, num_warps=8)
 
 
 def test_compile_jobs_carry_the_jits_specialization():

@@ -1,16 +1,13 @@
 """Interpreter tier: the Triton kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
 Run with ``TRITON_INTERPRET=1 pytest -m interpreter tests/test_triton_interpreter.py`` (the
-variable must be set before Python starts). Every check compares against the float64 reference
-(``tarp_fast.reference.tarp_linear`` on inputs cast to float64) with the rule: the kernel's error
-is at most 2x the error of eager PyTorch at the same precision (the reference run in that
-dtype), plus a small absolute floor. Outputs are allocated NaN-filled (``poison_outputs``) so an
-element a kernel forgets to write fails the comparison. Shapes are small: the interpreter is slow.
+variable must be set before Python starts). Cases and the comparison with the float64 reference
+come from ``tests/oracle.py`` (error at most 2x eager's at the same precision, outputs allocated
+NaN-filled by ``poison_outputs``). Shapes are small: the interpreter is slow.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import zlib
@@ -26,6 +23,7 @@ pytestmark = [
 
 pytest.importorskip("triton")  # the kernels need Triton (Linux x86-64); importing them runs nothing
 
+from oracle import ARG_NAMES, Problem, compare, make_problem  # noqa: E402
 from tarp_fast.kernels import (  # noqa: E402
     CANDIDATES,
     KernelConfig,
@@ -36,145 +34,54 @@ from tarp_fast.kernels import (  # noqa: E402
     use_config,
     use_dx_design,
 )
-from tarp_fast.kernels._ops import triton_tarp_fwd  # noqa: E402
+from tarp_fast.kernels._custom_ops import triton_tarp_fwd  # noqa: E402
 
 from tarp_fast import ops, reference  # noqa: E402
 
-# absolute floor of the tolerance, relative to the size of the float64 value
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3}
-NAMES = ("x", "weight", "bias", "U", "V", "G", "P", "Q", "gate", "skip_gate", "residual")
-
 
 # ----------------------------------------------------------------------------------------------
-# case construction
+# cases (tests/oracle.py builds them; here as dicts of arguments and keywords)
 # ----------------------------------------------------------------------------------------------
 def make_case(*, M, K, N, r=4, q=0, T=None, variant="dynamic", bias=True, gate=None, skip=None,
               residual=False, activation="none", hard_skip=False, scaling=1.0, scale_offset=None, seed=0):
-    """Inputs of one call in float64 (cast per test). ``gate``/``skip``: None, "float", "0d",
-    "row", "task", or "zero" (every gate 0). ``variant``: dynamic | bilinear | none."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    lead = (T,) if T else ()
-    a = dict(x=rn(M, K), weight=rn(N, K) / math.sqrt(max(K, 1)))
-    a["bias"] = rn(N) * 0.5 if bias else None
-    if variant != "none":
-        a["U"] = rn(*lead, N, r) * 0.7
-        a["V"] = rn(*lead, r, K) / math.sqrt(max(K, 1))
-        a["G"] = rn(*lead, r * r, K) / math.sqrt(max(K, 1)) if variant == "dynamic" else None
-    else:
-        a["U"] = a["V"] = a["G"] = None
-    if q:
-        a["P"] = rn(*lead, N, q) * 0.4
-        a["Q"] = rn(*lead, q, K) * 0.4
-    else:
-        a["P"] = a["Q"] = None
-    kw = dict(scaling=scaling, activation=activation, hard_skip=hard_skip)
-    if scale_offset is not None:
-        kw["scale_offset"] = scale_offset
-    if T:
-        kw["task_index"] = torch.randint(0, T, (M,), generator=g)
+    """Inputs of one call in float64 (cast per test), from :func:`oracle.make_problem`.
+    ``gate``/``skip``: a kind of :data:`oracle.GATES`; ``variant``: dynamic | bilinear | none."""
+    p = make_problem(M, K, N, r, q, T, bias=bias, delta=variant != "none", dynamic=variant == "dynamic",
+                     scale=bool(q), gate=gate, skip_gate=skip, residual=residual, activation=activation,
+                     hard_skip=hard_skip, scaling=scaling, scale_offset=scale_offset, seed=seed)
+    return _as_dicts(p)
 
-    def gate_value(kind):
-        if kind is None:
-            return None
-        if kind == "float":
-            return 0.75
-        if kind == "zero":
-            return torch.zeros(M, dtype=torch.float64)
-        if kind == "0d":
-            return torch.tensor(1.3, dtype=torch.float64)
-        if kind == "task":
-            v = torch.rand(T, generator=g, dtype=torch.float64) + 0.2
-            v[0] = 0.0  # a whole task gated off (hard skip drops its rows)
-            return v
-        v = torch.rand(M, generator=g, dtype=torch.float64) + 0.2
-        v[::3] = 0.0
-        return v
 
-    kw["gate"] = gate_value(gate)
-    kw["skip_gate"] = gate_value(skip)
-    if residual:
-        a["residual"] = rn(M, N)
+def _as_dicts(p: Problem):
+    kw = dict(p.kw)
+    a = dict(zip(ARG_NAMES, p.args()), residual=kw.pop("residual", None))
+    kw.setdefault("gate", None)
+    kw.setdefault("skip_gate", None)
     return a, kw
+
+
+def _as_problem(a, kw) -> Problem:
+    extra = {"residual": a["residual"]} if a.get("residual") is not None else {}
+    return Problem(*(a.get(n) for n in ARG_NAMES), kw={**kw, **extra})
 
 
 def cast(a, kw, dtype, requires_grad=True):
     """Copies of the inputs in ``dtype`` (leaf tensors requiring grad where floating)."""
-    args = {}
-    for k, v in a.items():
-        args[k] = None if v is None else v.to(dtype).detach().requires_grad_(requires_grad)
-    kws = dict(kw)
-    for k in ("gate", "skip_gate"):
-        if isinstance(kw.get(k), torch.Tensor):
-            kws[k] = kw[k].to(dtype).detach().requires_grad_(requires_grad)
-    return args, kws
+    return _as_dicts(_as_problem(a, kw).to(dtype, requires_grad=requires_grad))
 
 
 def run(fn, args, kws):
-    a = dict(args)
-    residual = a.pop("residual", None)
-    return fn(a["x"], a["weight"], a["bias"], a["U"], a["V"], a["G"], a["P"], a["Q"], residual=residual, **kws)
+    return _as_problem(args, kws).call(fn)
 
 
 def leaves(args, kws):
-    out = [(n, args.get(n)) for n in NAMES[:8]] + [(n, kws.get(n)) for n in ("gate", "skip_gate")]
-    out.append(("residual", args.get("residual")))
-    return [(n, t) for n, t in out if isinstance(t, torch.Tensor) and t.requires_grad]
-
-
-def outputs_and_grads(fn, args, kws, dy64):
-    y = run(fn, args, kws)
-    named = leaves(args, kws)
-    grads = torch.autograd.grad(y, [t for _, t in named], dy64.to(y.dtype), allow_unused=True)
-    return y, {n: g for (n, _), g in zip(named, grads)}
-
-
-def err(a, b):
-    if a.numel() == 0:
-        return 0.0
-    return (a.double() - b.double()).abs().max().item()
+    """``(name, tensor)`` of every input that requires grad, in signature order."""
+    return [(n, t) for n, t in _as_problem(args, kws).tensors().items() if t.requires_grad]
 
 
 def check_case(a, kw, dtype, *, grads=True):
-    """Triton vs float64 reference, with eager PyTorch at ``dtype`` setting the tolerance.
-
-    The inputs are first rounded to ``dtype``; the float64 reference runs on those rounded values
-    (so the comparison measures the computation, not the rounding of the inputs).
-    """
-    a = {k: None if v is None else v.to(dtype).double() for k, v in a.items()}
-    kw = {k: v.to(dtype).double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-          for k, v in kw.items()}
-    a64, kw64 = cast(a, kw, torch.float64, grads)
-    y64, g64 = None, {}
-    ak, kwk = cast(a, kw, dtype, grads)
-    ae, kwe = cast(a, kw, dtype, grads)
-    if grads:
-        M, N = a["x"].shape[0], a["weight"].shape[0]
-        dy = torch.randn(M, N, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-        y64, g64 = outputs_and_grads(reference.tarp_linear, a64, kw64, dy)
-        with poison_outputs():
-            yk, gk = outputs_and_grads(tarp_linear_triton, ak, kwk, dy)
-        ye, ge = outputs_and_grads(reference.tarp_linear, ae, kwe, dy)
-    else:
-        y64 = run(reference.tarp_linear, a64, kw64)
-        with poison_outputs():
-            yk = run(tarp_linear_triton, ak, kwk)
-        ye = run(reference.tarp_linear, ae, kwe)
-        gk, ge = {}, {}
-    assert yk.dtype == dtype and yk.shape == y64.shape
-    report = []
-    for name, k, e, ref in [("y", yk, ye, y64)] + [(n, gk[n], ge[n], g64[n]) for n in g64]:
-        if ref is None:
-            assert k is None, f"{name}: kernel gave a gradient where the reference has none"
-            continue
-        assert k is not None, f"{name}: no gradient from the kernel"
-        assert k.shape == ref.shape, f"{name}: shape {tuple(k.shape)} != {tuple(ref.shape)}"
-        assert not torch.isnan(k).any() or torch.isnan(ref).any(), f"{name}: NaN (unwritten element?)"
-        ek, ee = err(k, ref), err(e, ref)
-        tol = 2.0 * ee + FLOOR[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
-        report.append(f"{name}: kernel {ek:.3g} eager {ee:.3g} tol {tol:.3g}")
-        assert ek <= tol, f"{name}: kernel error {ek:.3g} > tol {tol:.3g} (eager {ee:.3g})\n" + "\n".join(report)
-    return report
+    """Triton vs the float64 reference by the oracle's rule (tests/oracle.py), outputs poisoned."""
+    return compare(tarp_linear_triton, _as_problem(a, kw), dtype, grads=grads, poison=poison_outputs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,8 +97,8 @@ def _sampled_cases(n=36, seed=2024):
         q=[0, 2],
         T=[None, 3],
         bias=[True, False],
-        gate=[None, "float", "0d", "row", "task"],
-        skip=[None, "float", "row", "task"],
+        gate=[None, "float", "scalar", "zero_rows", "zero_task"],
+        skip=[None, "float", "zero_rows", "zero_task"],
         residual=[True, False],
         activation=["none", "relu", "gelu_tanh"],
         hard_skip=[False, True],
@@ -216,8 +123,8 @@ def test_sampled_flag_combinations(c):
     dtype = c.pop("dtype")
     gate, skip, T = c["gate"], c["skip"], c["T"]
     if T is None:  # per-task gates need tasks
-        c["gate"] = "row" if gate == "task" else gate
-        c["skip"] = "row" if skip == "task" else skip
+        c["gate"] = "zero_rows" if gate == "zero_task" else gate
+        c["skip"] = "zero_rows" if skip == "zero_task" else skip
     if c["variant"] == "none" and T and not c["q"]:
         c["q"] = 2  # task_index needs per-task factors
     N = 37 if c["skip"] is not None else 29
@@ -237,7 +144,7 @@ def small_configs():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_small_tiles_many_segments(dtype):
     """16x16x16 tiles: many row tiles per task, partial tiles in every segment, hard skip."""
-    a, kw = make_case(M=83, K=35, N=35, r=3, q=3, T=4, gate="row", skip="task", residual=True,
+    a, kw = make_case(M=83, K=35, N=35, r=3, q=3, T=4, gate="zero_rows", skip="zero_task", residual=True,
                       activation="relu", hard_skip=True, scaling=0.5, seed=7)
     with use_config(**small_configs()):
         check_case(a, kw, dtype)
@@ -245,7 +152,7 @@ def test_small_tiles_many_segments(dtype):
 
 @pytest.mark.parametrize("M", [0, 1])
 def test_zero_and_one_row(M):
-    a, kw = make_case(M=M, K=19, N=19, r=4, q=2, T=2, gate="row", skip="row", residual=True,
+    a, kw = make_case(M=M, K=19, N=19, r=4, q=2, T=2, gate="zero_rows", skip="zero_rows", residual=True,
                       activation="gelu_tanh", hard_skip=True, seed=3)
     check_case(a, kw, torch.float32)
 
@@ -258,7 +165,7 @@ def test_zero_rows_single_task():
 def test_hard_skip_semantics():
     """Dropped rows give exactly ``skip x + res`` and zero gate gradient, even when the dense
     path of those rows would be inf/NaN (it is never computed)."""
-    a, kw = make_case(M=40, K=24, N=24, r=4, gate="row", skip="row", residual=True, hard_skip=True, seed=5)
+    a, kw = make_case(M=40, K=24, N=24, r=4, gate="zero_rows", skip="zero_rows", residual=True, hard_skip=True, seed=5)
     # row 0 has gate 0 (v[::3] = 0): with x = 1e30, S h ~ 1e60 overflows fp32, so computing the
     # dropped row's dense path would leave inf/NaN in its output and in the weight gradients
     a["x"][0] = 1e30
@@ -273,19 +180,19 @@ def test_hard_skip_semantics():
 
 
 def test_all_rows_dropped():
-    a, kw = make_case(M=20, K=16, N=16, r=4, T=2, gate="zero", skip="row", residual=True, hard_skip=True, seed=6)
+    a, kw = make_case(M=20, K=16, N=16, r=4, T=2, gate="zero", skip="zero_rows", residual=True, hard_skip=True, seed=6)
     check_case(a, kw, torch.float32)
 
 
 def test_without_hard_skip_gate_zero_rows_are_exact_autograd():
     """Without ``hard_skip`` a zero gate still gets the gradient <dy, act(pre)>."""
-    a, kw = make_case(M=30, K=20, N=20, r=3, gate="row", activation="gelu_tanh", seed=8)
+    a, kw = make_case(M=30, K=20, N=20, r=3, gate="zero_rows", activation="gelu_tanh", seed=8)
     check_case(a, kw, torch.float32)
 
 
 def test_only_some_inputs_require_grad():
     """Frozen base and frozen x: only the adapter gets gradients, and the weight GEMM is skipped."""
-    a, kw = make_case(M=33, K=18, N=26, r=3, gate="row", activation="relu", seed=9)
+    a, kw = make_case(M=33, K=18, N=26, r=3, gate="zero_rows", activation="relu", seed=9)
     args, kws = cast(a, kw, torch.float32, requires_grad=False)
     for n in ("U", "V", "G"):
         args[n].requires_grad_(True)
@@ -397,7 +304,7 @@ def test_schedule_glue_of_the_cuda_helpers_on_emulated_ops():
 
 
 def test_forward_and_dx_configs_follow_the_rank(monkeypatch):
-    """The launchers pass the rank to the config choice: ranks > 16 take the "-wide" tiles where
+    """The launchers pass the rank to the config choice: ranks > 16 take the "-rank>16" tiles where
     a table has them (sm_80's forward and dx; the compile tier compiles the r = 32 kernels with
     those tiles, so a launcher that ignored the rank would run an unchecked, spilling config)."""
     seen = []
@@ -435,7 +342,7 @@ def test_scale_offset_zero_and_scaling():
 
 
 def test_deterministic_bitwise():
-    a, kw = make_case(M=50, K=24, N=24, r=3, q=2, T=3, gate="row", skip="row", activation="gelu_tanh",
+    a, kw = make_case(M=50, K=24, N=24, r=3, q=2, T=3, gate="zero_rows", skip="zero_rows", activation="gelu_tanh",
                       hard_skip=True, seed=12)
     res = []
     for _ in range(2):
@@ -451,7 +358,7 @@ def test_deterministic_bitwise():
                                          for i in range(len(CANDIDATES[k]))])
 def test_every_candidate_config(kernel, idx):
     """Each autotuning candidate is correct (its compile is checked by the compile tier)."""
-    a, kw = make_case(M=70, K=40, N=40, r=4, T=2, gate="row", skip="row", activation="relu", seed=13)
+    a, kw = make_case(M=70, K=40, N=40, r=4, T=2, gate="zero_rows", skip="zero_rows", activation="relu", seed=13)
     with use_config(**{kernel: CANDIDATES[kernel][idx]}), use_dx_design("concat" if kernel == "dx_concat" else "fused"):
         check_case(a, kw, torch.float32)
 
@@ -463,7 +370,7 @@ def test_every_candidate_config(kernel, idx):
 _CONCAT_CASES = {
     # tasks, per-task effective weight (q), hard skip, gates, residual, an activation: dpre is
     # materialized, rows are regrouped
-    "dynamic-tasks-hardskip": dict(M=61, K=37, N=37, r=3, q=2, T=3, gate="row", skip="row", residual=True,
+    "dynamic-tasks-hardskip": dict(M=61, K=37, N=37, r=3, q=2, T=3, gate="zero_rows", skip="zero_rows", residual=True,
                                    activation="gelu_tanh", hard_skip=True, scaling=0.5),
     # a plain float gate and no activation: dpre = gate * dy is never formed, the gate scales
     # the dpre part of the GEMM (ROWSCALE) while dproj carries it already
@@ -487,7 +394,7 @@ def test_dx_concat_small_tiles(dtype):
     """16x16x16 tiles: several K tiles of dx, several N chunks of dpre and several C chunks of
     dproj (C = 3 + 9 = 12 < 16: one chunk; r = 4: C = 20, two), partial tiles everywhere."""
     for r in (3, 4):
-        a, kw = make_case(M=83, K=35, N=35, r=r, T=4, gate="row", skip="task", residual=True, activation="relu",
+        a, kw = make_case(M=83, K=35, N=35, r=r, T=4, gate="zero_rows", skip="zero_task", residual=True, activation="relu",
                           hard_skip=True, scaling=0.5, seed=7 + r)
         cfgs = dict(small_configs(), dx_pre=KernelConfig(16, 16, 16, num_warps=1),
                     dx_concat=KernelConfig(16, 16, 16, num_warps=1, GROUP_M=2))
@@ -509,7 +416,7 @@ def test_dx_design_selects_the_launches(monkeypatch):
         run_launch(launch)
 
     monkeypatch.setattr(_plan.Launch, "run", spy)
-    a, kw = make_case(M=33, K=20, N=24, r=3, T=2, gate="row", activation="relu", seed=19)
+    a, kw = make_case(M=33, K=20, N=24, r=3, T=2, gate="zero_rows", activation="relu", seed=19)
     grads = {}
     for design in ("fused", "concat"):
         monkeypatch.setenv("TARP_FAST_DX", design)
@@ -544,7 +451,7 @@ def test_dx_concat_tma(dtype, monkeypatch):
         run_launch(launch)
 
     monkeypatch.setattr(_plan.Launch, "run", spy)
-    a, kw = make_case(M=45, K=48, N=48, r=4, skip="row", residual=True, activation="gelu_tanh", seed=23)
+    a, kw = make_case(M=45, K=48, N=48, r=4, skip="zero_rows", residual=True, activation="gelu_tanh", seed=23)
     with use_config(dx_concat=KernelConfig(16, 16, 32, num_warps=1, num_stages=1, tma=True)), use_dx_design("concat"):
         check_case(a, kw, dtype)
     assert seen == {(True, True)}, seen
@@ -564,7 +471,7 @@ def test_tma_loads(dtype, layout, expect, monkeypatch):
 
     K = 36 if layout == "rows-not-16B" else 48
     tasks = dict(T=3, q=2) if layout == "tasks-per-task-weight" else {}
-    a, kw = make_case(M=45, K=K, N=K, r=4, gate="row", skip="row", residual=True, activation="gelu_tanh",
+    a, kw = make_case(M=45, K=K, N=K, r=4, gate="zero_rows", skip="zero_rows", residual=True, activation="gelu_tanh",
                       seed=21, **tasks)
     seen = {"fwd": set(), "dx": set(), "proj": set()}
     run_launch = _plan.Launch.run
@@ -686,7 +593,7 @@ def test_opcheck_forward_op(grouped):
 
 def test_torch_compile_fullgraph_no_graph_break():
     """The registered ops trace without graph breaks (forward and AOT-traced backward)."""
-    a, kw = make_case(M=12, K=16, N=16, r=2, gate="row", skip="row", residual=True, activation="gelu_tanh",
+    a, kw = make_case(M=12, K=16, N=16, r=2, gate="zero_rows", skip="zero_rows", residual=True, activation="gelu_tanh",
                       seed=17)
     args, kws = cast(a, kw, torch.float32)
 

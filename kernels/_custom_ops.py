@@ -1,11 +1,12 @@
-"""torch.library registration of the Triton path (every schema of the backend is in this file).
+"""torch.library registration of the Triton path: every schema of the backend, and the one place
+where a :class:`~tarp_fast._contract.TarpCall` is unpacked into the ops' arguments (:func:`run`).
 
 Ops (namespace ``tarp_fast``):
 
 * ``triton_tarp_fwd(x, weight, bias?, U?, V?, G?, task_index?, gate?, skip_gate?, residual?,
   scaling, activation, hard_skip) -> (y, proj, z, perm, seg_off)``
 * ``triton_tarp_bwd(dy, x, weight, ..., proj, z, perm, seg_off, ..., needs) -> (dx, dW, db, dU, dV,
-  dG, dgate, dskip)``
+  dG, dgate, dskip)`` (``needs``: the fields of :class:`~tarp_fast._contract.Needs` in order)
 * ``triton_scale_weight(weight, P, Q, offset) -> W_eff`` and ``triton_scale_weight_bwd``.
 
 Each has a fake (meta) kernel, the forward ops have autograd, so ``torch.compile(fullgraph=True)``
@@ -35,18 +36,20 @@ the row schedule (``perm [M]``, ``seg_off [T+2]`` int32; both empty when rows ar
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .._contract import Needs, TarpCall, check_task_range
 from . import _launch
 
-__all__ = ["triton_tarp", "triton_scale_weight"]
+__all__ = ["run", "triton_scale_weight"]
 
 
-def _flag(spec_hard_skip: bool, gate: Optional[Tensor], task_index: Optional[Tensor]) -> bool:
-    return task_index is not None or (spec_hard_skip and gate is not None)
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +111,9 @@ def triton_tarp_fwd(
     residual: Optional[Tensor], scaling: float, activation: str, hard_skip: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Normalized forward: ``x [M, K]``, ``weight [N, K]`` or ``[T, N, K]``, gates ``[M]`` fp32."""
-    return _launch.tarp_fwd(x, weight, bias, U, V, G, task_index, gate, skip_gate, residual,
-                            scaling, activation, hard_skip)
+    return _launch.tarp_fwd(x=x, weight=weight, bias=bias, U=U, V=V, G=G, task_index=task_index, gate=gate,
+                            skip=skip_gate, residual=residual, scaling=scaling, act=_launch.ACT_CODES[activation],
+                            hard_skip=hard_skip)
 
 
 def _fake_aux(x, weight, U, G, task_index, gate, hard_skip):
@@ -121,7 +125,7 @@ def _fake_aux(x, weight, U, G, task_index, gate, hard_skip):
     else:
         proj = z = x.new_empty(0, dtype=torch.float32)
     T = _launch._num_tasks(weight, U, task_index)
-    grouped = _flag(hard_skip, gate, task_index)
+    grouped = _launch.grouped_in_op(task_index, gate, hard_skip)
     perm = x.new_empty((M if grouped else 0,), dtype=torch.int32)
     seg = x.new_empty((T + 2 if grouped else 0,), dtype=torch.int32)
     return proj, z, perm, seg
@@ -140,21 +144,28 @@ def triton_tarp_bwd(
     proj: Tensor, z: Tensor, perm: Tensor, seg_off: Tensor, scaling: float, activation: str, hard_skip: bool,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dx, dweight, dbias, dU, dV, dG, dgate, dskip_gate)``; those not in ``needs``
-    (same order) are empty tensors."""
-    return _launch.tarp_bwd(dy, x, weight, bias, U, V, G, task_index, gate, skip_gate, proj, z, perm, seg_off,
-                            scaling, activation, hard_skip, list(needs))
+    """Gradients ``(dx, dweight, dbias, dU, dV, dG, dgate, dskip_gate)``; those not asked for in
+    ``needs`` (a :class:`~tarp_fast._contract.Needs` as a list) are empty tensors."""
+    grads = _launch.tarp_bwd(
+        dy=dy, x=x, weight=weight, bias=bias, U=U, V=V, G=G, task_index=task_index, gate=gate, skip=skip_gate,
+        proj=proj, z=z, perm=perm, seg_off=seg_off, scaling=scaling, act=_launch.ACT_CODES[activation],
+        hard_skip=hard_skip, needs=Needs(*needs))
+    return grads.x, grads.weight, grads.bias, grads.U, grads.V, grads.G, grads.gate, grads.skip_gate
 
 
 @triton_tarp_bwd.register_fake
 def _(dy, x, weight, bias, U, V, G, task_index, gate, skip_gate, proj, z, perm, seg_off, scaling, activation,
       hard_skip, needs):
-    like = (x, weight, bias, U, V, G)
-    out = [t.new_empty(t.shape) if (n and t is not None) else x.new_empty(0) for n, t in zip(needs[:6], like)]
-    M = x.shape[0]
-    out.append(x.new_empty((M,), dtype=torch.float32) if needs[6] else x.new_empty(0, dtype=torch.float32))
-    out.append(x.new_empty((M,), dtype=torch.float32) if needs[7] else x.new_empty(0, dtype=torch.float32))
-    return tuple(out)
+    need = Needs(*needs)
+
+    def like(flag, t):
+        return t.new_empty(t.shape) if flag and t is not None else x.new_empty(0)
+
+    def per_row(flag):
+        return x.new_empty((x.shape[0],) if flag else (0,), dtype=torch.float32)
+
+    return (like(need.x, x), like(need.weight, weight), like(need.bias, bias), like(need.U, U), like(need.V, V),
+            like(need.G, G), per_row(need.gate), per_row(need.skip_gate))
 
 
 def _tarp_setup(ctx, inputs, output):
@@ -167,18 +178,18 @@ def _tarp_setup(ctx, inputs, output):
 
 def _tarp_backward(ctx, dy, _dproj, _dz, _dperm, _dseg):
     (x, weight, bias, U, V, G, task_index, gate, skip_gate, proj, z, perm, seg_off) = ctx.saved_tensors
-    ng = ctx.needs_input_grad
-    present = (x, weight, bias, U, V, G, None, gate, skip_gate)
-    needs = [bool(ng[i]) and present[i] is not None for i in (0, 1, 2, 3, 4, 5, 7, 8)]
-    grads = [None] * 13
+    ng = ctx.needs_input_grad  # in the order of triton_tarp_fwd's arguments
+    needs = Needs(x=ng[0], weight=ng[1], bias=ng[2] and bias is not None, U=ng[3] and U is not None,
+                  V=ng[4] and V is not None, G=ng[5] and G is not None, gate=ng[7] and gate is not None,
+                  skip_gate=ng[8] and skip_gate is not None)
+    d = dict.fromkeys(Needs._fields)
     if any(needs):
         outs = triton_tarp_bwd(dy.contiguous(), x, weight, bias, U, V, G, task_index, gate, skip_gate, proj, z,
-                               perm, seg_off, ctx.scaling, ctx.activation, ctx.hard_skip, needs)
-        for slot, need, g in zip((0, 1, 2, 3, 4, 5, 7, 8), needs, outs):
-            grads[slot] = g if need else None
-    if ng[9]:
-        grads[9] = dy
-    return tuple(grads)
+                               perm, seg_off, ctx.scaling, ctx.activation, ctx.hard_skip, list(needs))
+        for name, g in zip(("x", "weight", "bias", "U", "V", "G", "gate", "skip_gate"), outs):
+            d[name] = g if getattr(needs, name) else None
+    return (d["x"], d["weight"], d["bias"], d["U"], d["V"], d["G"], None, d["gate"], d["skip_gate"],
+            dy if ng[9] else None, None, None, None)
 
 
 triton_tarp_fwd.register_autograd(_tarp_backward, setup_context=_tarp_setup)
@@ -205,47 +216,62 @@ class _TaskGateRows(torch.autograd.Function):
         return dg.squeeze(1).to(grad.dtype), None
 
 
-def _row_gate(g, kind: str, task_index, M: int, x: Tensor) -> Optional[Tensor]:
-    """A gate argument as a contiguous ``[M]`` fp32 tensor (differentiable torch ops), or None."""
-    if kind == "none":
+def _row_gate(call: TarpCall, which: str) -> Optional[Tensor]:
+    """``gate`` or ``skip_gate`` as the kernels read it: a contiguous ``[M]`` fp32 tensor made with
+    differentiable torch ops (so its gradient reaches the caller's tensor), or None."""
+    M = call.spec.M
+    gather = _TaskGateRows.apply if _launch.use_cuda_helpers(call.x.device) else None
+    g = call.gate_rows(which, torch.float32, gather)
+    if g is None:
         return None
     if not isinstance(g, Tensor):
-        return torch.full((M,), float(g), dtype=torch.float32, device=x.device)
-    g = g.to(torch.float32)
-    if kind == "task":
-        g = _TaskGateRows.apply(g, task_index) if _launch.use_cuda_helpers(x.device) else g[task_index]
-    elif g.dim() == 0:
-        g = g.expand(M)
-    return g.contiguous()
+        return torch.full((M,), g, dtype=torch.float32, device=call.x.device)
+    return (g.expand(M) if g.dim() == 0 else g).contiguous()
 
 
-def triton_tarp(spec, x, weight, bias, U, V, G, P, Q, *, scaling, scale_offset, task_index, gate, skip_gate,
-                residual, activation, hard_skip) -> Tensor:
-    """Run the registered ops for an already validated call (``spec`` from ``check_tarp_args``)."""
-    M, Kd, N = spec.M, spec.K, spec.N
-    if task_index is not None:
-        task_index = task_index.contiguous()  # the schedule kernels read it with unit stride
+def run(call: TarpCall) -> Tensor:
+    """The Triton backend's entry (from :func:`tarp_fast.ops.tarp_linear`): check that the kernels
+    can run this validated call here, then unpack it into the registered ops (the one place the
+    call object is unpacked). Returns ``call.spec.out_shape`` in x's dtype."""
+    # (under precompile.capture launches are recorded, not run: CPU tensors stand in for CUDA ones)
+    from . import precompile
+
+    spec = call.spec
+    capturing = precompile.capturing()
+    if spec.device.type != "cuda" and not _interpreter_on() and not capturing:
+        raise RuntimeError(
+            f"tarp_linear_triton: needs CUDA tensors, got tensors on {spec.device}; "
+            "set TRITON_INTERPRET=1 before starting Python to run the kernels on CPU"
+        )
+    if spec.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"tarp_linear_triton: argument 'x' must be float16, bfloat16 or float32, got {spec.dtype}")
+    if spec.dtype == torch.bfloat16 and spec.device.type != "cuda" and not capturing:
+        # numpy, which the interpreter computes with, has no bfloat16: results were garbage (errors
+        # of 1e10), so refuse rather than return them
+        raise RuntimeError(
+            f"tarp_linear_triton: the Triton interpreter (TRITON_INTERPRET=1, tensors on {spec.device}) cannot run "
+            f"{spec.dtype}: numpy has no bfloat16. Use float16 or float32 inputs under the interpreter, or run "
+            "bfloat16 on a CUDA GPU"
+        )
+    if spec.multi_task and spec.device.type == "cpu":
+        check_task_range(call.task_index, spec.num_tasks)
+    U, V, G, P = call.U, call.V, call.G, call.P
     empty_factors = ()
     if U is not None and spec.rank == 0:
         # rank 0: the delta U S(x) V x is exactly 0. The kernels run without it (a zero-width
         # factor would be read out of bounds) and the empty factors get their gradients below.
         empty_factors = tuple(t for t in (U, V, G) if t is not None)
         U = V = G = None
-    kernel_task_index = task_index
-    if task_index is not None and U is None and P is None:
-        # no per-task factor left (rank 0, no P): every row runs the same weights; per-task
-        # gates were read per row by _row_gate with the real task_index
-        kernel_task_index = None
-    x2 = x.reshape(M, Kd).contiguous()
-    w = weight.contiguous()
+    # no per-task factor left (rank 0, no P): every row runs the same weights; per-task gates are
+    # read per row below with the real task_index
+    kernel_task_index = call.task_index if (U is not None or P is not None) else None
+    w = call.weight
     if P is not None:
-        w = triton_scale_weight(w, P.contiguous(), Q.contiguous(), float(scale_offset))
-    cont = lambda t: t.contiguous() if t is not None else None  # noqa: E731
-    res = residual.reshape(M, N).contiguous() if residual is not None else None
-    g = _row_gate(gate, spec.gate_kind, task_index, M, x)
-    sg = _row_gate(skip_gate, spec.skip_kind, task_index, M, x)
-    y = triton_tarp_fwd(x2, w, cont(bias), cont(U), cont(V), cont(G), kernel_task_index, g, sg, res,
-                        float(scaling), activation, bool(hard_skip))[0]
+        w = triton_scale_weight(w, P, call.Q, call.scale_offset)
+    g = _row_gate(call, "gate")
+    sg = _row_gate(call, "skip_gate")
+    y = triton_tarp_fwd(call.x, w, call.bias, U, V, G, kernel_task_index, g, sg, call.residual,
+                        call.scaling, call.activation, call.hard_skip)[0]
     if any(t.requires_grad for t in empty_factors) and torch.is_grad_enabled():
         # + 0 (a sum over no elements): connects the rank-0 factors, whose gradients are empty
         y = y + sum(t.sum() for t in empty_factors).to(y.dtype)

@@ -1,0 +1,211 @@
+"""The test oracle of every tier: one case builder, one gate vocabulary, one closeness rule.
+
+Rule: a backend's error is at most 2x the error of eager PyTorch (the reference run at the same
+precision), plus a floor per dtype, both measured against the float64 reference on the same
+(rounded) inputs, relative to ``max(|ref|_inf, 1)``; an output with NaN or inf where the float64
+value is finite fails, so outputs allocated NaN-poisoned catch every element a kernel skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+ARG_NAMES = ("x", "weight", "bias", "U", "V", "G", "P", "Q")
+#: the relative error allowed on top of 2x eager's: what rounding the output alone may cost
+FLOOR = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+#: the gate vocabulary of :func:`make_problem` (``gate`` and ``skip_gate``)
+GATES = (None, "float", "scalar", "row", "zero_rows", "task", "zero_task", "zero")
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max |got - ref| / max(|ref|_inf, 1)`` in float64; ``inf`` when ``got`` has a NaN or inf
+    where ``ref`` is all finite (an unwritten, NaN-poisoned element); 0 for empty tensors."""
+    a64, r64 = got.detach().double().cpu(), ref.detach().double().cpu()
+    if not bool(torch.isfinite(a64).all()) and bool(torch.isfinite(r64).all()):
+        return math.inf
+    if a64.numel() == 0:
+        return 0.0
+    return float((a64 - r64).abs().max() / r64.abs().max().clamp_min(1.0))
+
+
+def tolerance(eager: Optional[torch.Tensor], ref: torch.Tensor, dtype: torch.dtype) -> float:
+    """``2 rel_err(eager, ref) + FLOOR[dtype]`` (just the floor in float64 or without ``eager``)."""
+    if eager is None or dtype == torch.float64:
+        return FLOOR[dtype]
+    return 2.0 * rel_err(eager, ref) + FLOOR[dtype]
+
+
+def assert_close(got, ref, eager=None, *, dtype: torch.dtype, what: str = "") -> str:
+    """Assert the rule for one tensor (``got`` from the backend, ``ref`` float64, ``eager`` the
+    reference at ``dtype``); returns a one-line report. ``ref is None`` demands no gradient."""
+    if ref is None:
+        assert got is None or not bool(got.detach().abs().gt(0).any()), f"{what}: a gradient where none is due"
+        return f"{what}: none"
+    assert got is not None, f"{what}: missing (no gradient?)"
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err, tol = rel_err(got, ref), tolerance(eager, ref, dtype)
+    line = f"{what}: rel err {err:.3g}, tol {tol:.3g}" + (f" (eager {rel_err(eager, ref):.3g})" if eager is not None
+                                                         else "")
+    assert err <= tol, line + (" (NaN or inf: an unwritten element?)" if err == math.inf else "")
+    return line
+
+
+# ----------------------------------------------------------------------------------------------
+# cases
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """Arguments of one tarp_linear call (tensors and keyword options)."""
+
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    U: Optional[torch.Tensor] = None
+    V: Optional[torch.Tensor] = None
+    G: Optional[torch.Tensor] = None
+    P: Optional[torch.Tensor] = None
+    Q: Optional[torch.Tensor] = None
+    kw: dict = field(default_factory=dict)
+
+    def args(self):
+        return (self.x, self.weight, self.bias, self.U, self.V, self.G, self.P, self.Q)
+
+    def tensors(self):
+        """Every tensor input, by name (positional factors and tensor keywords)."""
+        named = dict(zip(ARG_NAMES, self.args()))
+        for k in ("gate", "skip_gate", "residual"):
+            if isinstance(self.kw.get(k), torch.Tensor):
+                named[k] = self.kw[k]
+        return {k: v for k, v in named.items() if v is not None}
+
+    def to(self, dtype, *, requires_grad: Optional[bool] = None):
+        """Same problem in another dtype (float tensors only; task_index stays int64), as fresh
+        leaves (requiring grad when ``requires_grad``)."""
+        def cast(t):
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                return t
+            t = t.detach().to(dtype)
+            return t.requires_grad_(True) if requires_grad else t
+
+        return Problem(*(cast(t) for t in self.args()), kw={k: cast(v) for k, v in self.kw.items()})
+
+    def call(self, fn: Callable):
+        return fn(*self.args(), **self.kw)
+
+
+def _gate(kind, M: int, T: int, rand, dtype) -> object:
+    """One gate of the vocabulary :data:`GATES` (tensors of ``dtype`` on the CPU)."""
+    if kind is None:
+        return None
+    if kind == "float":
+        return 0.75  # a Python number: no gradient
+    if kind == "scalar":
+        return torch.tensor(0.8, dtype=dtype)
+    if kind == "zero":
+        return torch.zeros(M, dtype=dtype)
+    if kind in ("task", "zero_task"):
+        v = rand(T) + 0.1
+        if kind == "zero_task":
+            v[0] = 0.0  # a whole task gated off (hard skip drops its rows)
+        return v
+    v = rand(M) + 0.1
+    if kind == "zero_rows":
+        v[::2] = 0.0
+    elif kind != "row":
+        raise ValueError(f"unknown gate kind {kind!r}; one of {GATES}")
+    return v
+
+
+def make_problem(
+    M=7, K=12, N=10, r=3, q=2, T=1, *, lead=None, dtype=torch.float64, bias=True, delta=True,
+    dynamic=True, scale=True, gate=None, skip_gate=None, residual=False, activation="none",
+    hard_skip=False, scaling=0.7, scale_offset=None, seed=None, device="cpu",
+) -> Problem:
+    """A random problem (every tier's case builder). ``T > 1`` stacks the factors and draws a
+    ``task_index``; ``gate`` / ``skip_gate`` from :data:`GATES`. Drawn on the CPU from the global
+    generator (seeded per test by conftest) or from ``torch.Generator().manual_seed(seed)`` in
+    ``dtype``, then moved to ``device``."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)  # noqa: E731
+    rand = lambda *s: torch.rand(*s, generator=gen, dtype=dtype)  # noqa: E731
+    shape = tuple(lead) + (K,) if lead is not None else (M, K)
+    M = math.prod(shape[:-1])
+    T = T or 1
+    pre = (T,) if T > 1 else ()
+    sK = math.sqrt(max(K, 1))
+    p = Problem(x=rn(*shape), weight=rn(N, K) / sK)
+    if bias:
+        p.bias = rn(N)
+    if delta:
+        p.U = rn(*pre, N, r) / math.sqrt(max(r, 1))
+        p.V = rn(*pre, r, K) / sK
+        if dynamic:
+            p.G = rn(*pre, r * r, K) / sK
+    if scale:
+        p.P = rn(*pre, N, q) * 0.5
+        p.Q = rn(*pre, q, K) * 0.5
+    kw = dict(scaling=scaling, activation=activation, hard_skip=hard_skip)
+    if scale_offset is not None:
+        kw["scale_offset"] = scale_offset
+    if T > 1:
+        kw["task_index"] = torch.randint(0, T, (M,), generator=gen)
+    for name, kind in (("gate", gate), ("skip_gate", skip_gate)):
+        value = _gate(kind, M, T, rand, dtype)
+        if value is not None:
+            kw[name] = value
+    if residual:
+        kw["residual"] = rn(*shape[:-1], N)
+
+    def place(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    return Problem(*(place(t) for t in p.args()), kw={k: place(v) for k, v in kw.items()})
+
+
+# ----------------------------------------------------------------------------------------------
+# the comparison
+# ----------------------------------------------------------------------------------------------
+def outputs_and_grads(fn: Callable, p: Problem, dy: Optional[torch.Tensor]):
+    """``fn``'s output on ``p`` and the gradient (for ``dy``) of every leaf that requires grad."""
+    y = p.call(fn)
+    if dy is None:
+        return y, {}
+    leaves = {k: t for k, t in p.tensors().items() if t.requires_grad}
+    grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.device, y.dtype), allow_unused=True)
+    return y, dict(zip(leaves, grads))
+
+
+def compare(fn: Callable, p: Problem, dtype: torch.dtype, *, grads: bool = True,
+            poison: Callable = contextlib.nullcontext, check: bool = True, what: str = "") -> list:
+    """``fn`` (a ``tarp_linear``-like callable) at ``dtype`` against the float64 reference, with
+    eager PyTorch (the reference at ``dtype``) setting the bar: the output and, with ``grads``,
+    the gradient of every tensor input. The inputs are first rounded to ``dtype``, so the
+    comparison measures the computation, not the rounding of the inputs. ``fn`` runs inside
+    ``poison()`` (e.g. ``tarp_fast.kernels.poison_outputs``). ``check=False`` only runs ``fn``
+    (a capture, where results are garbage); ``what`` prefixes the messages. Returns the report lines."""
+    from tarp_fast import reference
+
+    rounded = p.to(dtype).to(torch.float64)
+    N = p.weight.shape[0]
+    dy = None
+    if grads:
+        dy = torch.randn(*p.x.shape[:-1], N, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+        dy = dy.to(p.x.device)
+    with poison():
+        y, g = outputs_and_grads(fn, rounded.to(dtype, requires_grad=grads), dy)
+    if not check:
+        return []
+    y64, g64 = outputs_and_grads(reference.tarp_linear, rounded.to(torch.float64, requires_grad=grads), dy)
+    ye, ge = outputs_and_grads(reference.tarp_linear, rounded.to(dtype, requires_grad=grads), dy)
+    assert y.dtype == dtype and y.shape == y64.shape, (y.dtype, y.shape, y64.shape)
+    pre = f"{what}: " if what else ""
+    report = [assert_close(y, y64, ye, dtype=dtype, what=pre + "y")]
+    for name, ref in g64.items():
+        report.append(assert_close(g.get(name), ref, ge.get(name), dtype=dtype, what=f"{pre}grad {name}"))
+    return report
