@@ -13,7 +13,11 @@ valid key with its default):
   from a prompt, or the loss on a domain's held-out text.
 * ``bench-adapt``: the adaptation benchmark (table, JSON, PNG): MLtD arms against their matched
   multitask controls and the baselines, under two fine-tuning protocols, with median speed-ups
-  and bootstrap intervals over seeds; the JSON schema is in :mod:`tarp_fast.meta.bench`.
+  and bootstrap intervals over seeds; the JSON schema is in :mod:`tarp_fast.meta.bench`. Optional:
+  ``[bench] lr_grid`` (each arm's learning rate chosen from a grid on a validation domain,
+  ``[bench] validation_domain``), ``[bench] base_budgets`` (the whole benchmark per pretraining
+  budget of the base, and a table of the effect per budget), ``[bench] corpus`` / ``heldout``
+  (the data, when the flags are not given); ``benchmarks/configs/study.toml`` is the full study.
 * ``demo``: the benchmark on text found on this machine (or ``--corpus DIR``), with held-out
   domains chosen here (or ``--heldout``).
 * ``config``: the reference TOML file (every key, its default and meaning).
@@ -53,7 +57,9 @@ DEMO_DEFAULTS = {
                "budget": None},
 }
 #: The demo's held-out domains, by preference (the first two present on the machine are used).
-DEMO_HELDOUT = ("licenses", "perl", "info", "config", "changelogs", "manpages")
+#: ``licenses`` comes last: its evaluation text is mostly verbatim in its own training split (GPL
+#: variants), so deduplication leaves only a handful of its evaluation windows (5 of 277 here).
+DEMO_HELDOUT = ("perl", "info", "config", "changelogs", "manpages", "licenses")
 _SECTIONS = ("model", "pretrain", "prep", "finetune", "bench", "ablate")
 _ALL_ARMS = "direct,tarp,multitask,mltd_tarp,multitask_tarp,mltd_tarp_tams,multitask_tarp_tams"
 _VARIANTS = ("dynamic", "bilinear", "kronecker")
@@ -108,6 +114,16 @@ _KEY_DOCS = {
     ("ablate", "rows"): "ablation rows: TARP variants with and without the Hadamard term, full_finetune, peft_lora",
     ("ablate", "budget"): "trainable adapter parameters every adapter row is matched to",
     ("bench", "vary_base"): "every seed pretrains its own base (seed [pretrain] seed + s); false: one base",
+    ("bench", "lr_grid"): "multipliers of each arm's configured learning rate tried on the validation domain, e.g. "
+                          "[0.3, 1, 3]; each arm and protocol uses the one with the lowest final validation loss "
+                          "(chosen with the first seed only); empty: off",
+    ("bench", "validation_domain"): "the domain the learning rates are chosen on, taken out of the preparation: "
+                                    "neither a preparation nor a held-out domain",
+    ("bench", "base_budgets"): "pretraining steps of the base, the whole benchmark once per value, e.g. [300, 2000], "
+                               "and a table of the effect per budget; empty: one budget, [pretrain] steps",
+    ("bench", "corpus"): "the --corpus of bench-adapt and demo when the flag is not given (a folder, a .jsonl, "
+                         "'machine', 'generated[:N]', 'planted[:N]', ...)",
+    ("bench", "heldout"): "the held-out domains of bench-adapt and demo when --heldout is not given (a list of names)",
 }
 
 
@@ -138,7 +154,10 @@ _FT_FLAGS = (_Flag("--steps", "finetune", "steps"), _Flag("--seq-len", "finetune
 _BENCH_FLAGS = (_Flag("--full-lr", "bench", "full_lr", float), _Flag("--adapter-lr", "bench", "adapter_lr", float),
                 _Flag("--seeds", "bench", "seeds", "list_int", metavar="S,S"),
                 _Flag("--arms", "bench", "arms", "list_str", metavar="ARM,ARM"),
-                _Flag("--protocols", "bench", "protocols", "list_str", metavar="P,P"))
+                _Flag("--protocols", "bench", "protocols", "list_str", metavar="P,P"),
+                _Flag("--lr-grid", "bench", "lr_grid", "list_float", metavar="M,M"),
+                _Flag("--validation-domain", "bench", "validation_domain", str, metavar="NAME"),
+                _Flag("--base-budgets", "bench", "base_budgets", "list_int", metavar="STEPS,STEPS"))
 _ABLATE_FLAGS = (_Flag("--full-lr", "bench", "full_lr", float), _Flag("--adapter-lr", "bench", "adapter_lr", float),
                  _Flag("--seeds", "ablate", "seeds", "list_int", metavar="S,S"),
                  _Flag("--rows", "ablate", "rows", "list_str", metavar="ROW,ROW"),
@@ -150,6 +169,12 @@ def _default_text(section: str, key: str) -> str:
         return _ALL_ARMS
     if (section, key) == ("ablate", "budget"):
         return "the bilinear row's at [model] rank"
+    if (section, key) == ("bench", "lr_grid"):
+        return "off"
+    if (section, key) == ("bench", "validation_domain"):
+        return "with a grid, the last preparation domain"
+    if (section, key) == ("bench", "base_budgets"):
+        return "one budget, [pretrain] steps"
     v = DEMO_DEFAULTS.get(section, {}).get(key)
     if isinstance(v, bool):
         return "on" if v else "off"
@@ -168,7 +193,7 @@ def _add_setting_flags(p: argparse.ArgumentParser, flags, title: str, *, default
         dest = f.flag[2:].replace("-", "_")
         if f.type is bool:
             g.add_argument(f.flag, dest=dest, action="store_const", const=True, default=None, help=help_)
-        elif f.type in ("list_int", "list_str"):
+        elif f.type in ("list_int", "list_str", "list_float"):
             g.add_argument(f.flag, dest=dest, default=None, metavar=f.metavar, help=help_)
         else:
             g.add_argument(f.flag, dest=dest, type=f.type, choices=f.choices, default=None,
@@ -187,6 +212,11 @@ def _flag_overrides(args: argparse.Namespace, flags) -> dict:
                 v = [int(s) for s in str(v).split(",") if s.strip()]
             except ValueError as exc:
                 raise ValueError(f"{f.flag} must be comma-separated integers, got {v!r}") from exc
+        elif f.type == "list_float":
+            try:
+                v = [float(s) for s in str(v).split(",") if s.strip()]
+            except ValueError as exc:
+                raise ValueError(f"{f.flag} must be comma-separated numbers, got {v!r}") from exc
         elif f.type == "list_str":
             v = [a.strip() for a in str(v).split(",") if a.strip()]
         out.setdefault(f.section, {})[f.key] = v
@@ -234,7 +264,7 @@ def _known_keys() -> dict[str, list[str]]:
             "prep": [f.name for f in fields(PrepConfig) if f.name not in ("extra", "batched")],
             "finetune": [f.name for f in fields(FinetuneRecipe)],
             "bench": ["full_lr", "adapter_lr", "multitask_lr", "seeds", "arms", "tams_cell_width", "finetune_scope",
-                      "protocols", "vary_base"],
+                      "protocols", "vary_base", "lr_grid", "validation_domain", "base_budgets", "corpus", "heldout"],
             "ablate": ["seeds", "rows", "budget"]}
 
 
@@ -252,6 +282,37 @@ def _check_sections(tree: dict, allowed: dict[str, list[str]], where: str) -> No
 
 def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_bench_lists(bench: dict) -> None:
+    """The [bench] keys of the learning-rate grid, the base budgets and the data (errors name the key)."""
+    grid = bench.get("lr_grid", [])
+    if not isinstance(grid, (list, tuple)) or any(not _number(x) or not x > 0 or x != x or x == float("inf")
+                                                  for x in grid) or len(set(grid)) != len(grid):
+        raise ValueError(f"[bench] lr_grid must be a list of distinct positive numbers (multipliers of each arm's "
+                         f"learning rate, e.g. [0.3, 1, 3]; empty: off), got {grid!r}")
+    val = bench.get("validation_domain")
+    if val is not None and (not isinstance(val, str) or not val):
+        raise ValueError(f"[bench] validation_domain must be a domain name, got {val!r}")
+    if val is not None and not grid:
+        raise ValueError(f"[bench] validation_domain is {val!r} but [bench] lr_grid is empty: the validation domain "
+                         "only serves the learning-rate grid; set [bench] lr_grid (e.g. [0.3, 1, 3]) or drop it")
+    budgets = bench.get("base_budgets", [])
+    if not isinstance(budgets, (list, tuple)) or any(not _positive_int(b) for b in budgets) or \
+            len(set(budgets)) != len(budgets):
+        raise ValueError(f"[bench] base_budgets must be a list of distinct positive integers (pretraining steps, "
+                         f"e.g. [300, 2000]; empty: one budget, [pretrain] steps), got {budgets!r}")
+    corpus = bench.get("corpus")
+    if corpus is not None and (not isinstance(corpus, str) or not corpus):
+        raise ValueError(f"[bench] corpus must be a corpus spec string (like --corpus), got {corpus!r}")
+    held = bench.get("heldout")
+    if held is not None and (not isinstance(held, list) or not held or
+                             any(not isinstance(h, str) or not h for h in held)):
+        raise ValueError(f"[bench] heldout must be a non-empty list of domain names, got {held!r}")
 
 
 def _bench_config(tree: dict, where: str = "settings"):
@@ -277,6 +338,7 @@ def _bench_config(tree: dict, where: str = "settings"):
     protocols = bench.get("protocols", ["adapter", "all"])
     if not isinstance(protocols, (list, tuple)) or not protocols or any(p not in ("adapter", "all") for p in protocols):
         raise ValueError(f"[bench] protocols must be a non-empty list of 'adapter' and/or 'all', got {protocols!r}")
+    _check_bench_lists(bench)
     n_embd, n_head = model.get("n_embd", 96), model.get("n_head", 4)
     if n_embd % n_head:
         raise ValueError(f"[model] n_embd ({n_embd}) must be divisible by [model] n_head ({n_head})")
@@ -300,6 +362,8 @@ def _bench_config(tree: dict, where: str = "settings"):
             finetune_scope=bench.get("finetune_scope", "all" if "all" in protocols else protocols[0]),
             protocols=tuple(protocols),
             vary_base=bench.get("vary_base", True), scale_weight=model.get("scale_weight", False),
+            lr_grid=tuple(bench.get("lr_grid", ())), validation_domain=bench.get("validation_domain"),
+            base_budgets=tuple(bench.get("base_budgets", ())),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"[bench] or [pretrain]: {exc}") from None
@@ -337,7 +401,7 @@ def config_reference() -> str:
     dataclass_defaults = {"prep": {f.name: f.default for f in fields(PrepConfig) if f.default is not MISSING},
                           "finetune": {f.name: f.default for f in fields(FinetuneRecipe) if f.default is not MISSING}}
     extra = {"bench": {"multitask_lr": None, "arms": _ALL_ARMS.split(","), "tams_cell_width": 32,
-                       "finetune_scope": "all"}}
+                       "finetune_scope": "all", "lr_grid": [], "base_budgets": []}}
     titles = {"model": "the small GPT-2 pretrained when --model is not given, and the TARP layers",
               "pretrain": "its pretraining (cached by these settings and the data)",
               "prep": "the MLtD preparation (meta-training), `tarp-fast prepare`",
@@ -358,7 +422,8 @@ def config_reference() -> str:
                 v = dataclass_defaults.get(section, {}).get(key)
             doc = _KEY_DOCS.get((section, key), "")
             if v is None:
-                lines.append(f"# {key} =  # {doc}")
+                default = _default_text(section, key)
+                lines.append(f"# {key} =  # {doc}" + ("" if default == "None" else f" (default: {default})"))
                 continue
             if isinstance(v, tuple):
                 v = list(v)
@@ -411,18 +476,38 @@ def _load_corpus(spec: str, tokenizer: Optional[str]):
     from .data import load_corpus  # noqa: PLC0415
 
     what = ("give a folder with one subfolder of text files per domain, a .jsonl file of "
-            "{\"domain\", \"text\"} records, a corpus manifest .json, 'machine' or 'generated[:N]'")
-    special = spec == "machine" or spec == "generated" or spec.startswith("generated:")
+            "{\"domain\", \"text\"} records, a corpus manifest .json, 'machine', 'generated[:N]' or 'planted[:N]'")
+    special = spec == "machine" or any(spec == f or spec.startswith(f + ":") for f in ("generated", "planted"))
     if not special and not os.path.exists(spec):
         raise FileNotFoundError(f"--corpus {spec!r} does not exist; {what}")
     if not special and os.path.isfile(spec) and not spec.endswith((".jsonl", ".json")):
         raise ValueError(f"--corpus {spec!r} is a file but neither .jsonl nor .json; {what}")
     try:
-        if spec.startswith("generated"):
+        if spec.startswith(("generated", "planted")):
             return load_corpus(spec)
         return load_corpus(spec, tokenizer=_tokenizer(tokenizer))
     except (ValueError, FileNotFoundError) as exc:
         raise type(exc)(f"--corpus {spec!r}: {exc}") from None
+
+
+def _data_spec(args: argparse.Namespace) -> tuple[str, Optional[str]]:
+    """``(corpus spec, held-out names)`` of bench-adapt and demo: the flags, else ``[bench] corpus``
+    and ``[bench] heldout`` of ``--config`` (checked by :func:`_check_bench_lists`), else
+    ``machine`` and none."""
+    bench = _read_toml(args.config).get("bench", {}) if getattr(args, "config", None) else {}
+    corpus = args.corpus or bench.get("corpus") or "machine"
+    heldout = args.heldout or (",".join(bench["heldout"]) if bench.get("heldout") else None)
+    return corpus, heldout
+
+
+def _check_validation(corpus, heldout: list[str], cfg) -> None:
+    """The learning-rate grid's validation domain against the data, before anything runs."""
+    from .meta.bench import validation_split  # noqa: PLC0415
+
+    name, source = validation_split(corpus, heldout, cfg)
+    if name:
+        print(f"learning rates: grid {list(cfg.lr_grid)} x each arm's configured rate, chosen on the validation domain "
+              f"{name} ({source}) with seed {cfg.seeds[0]} only", flush=True)
 
 
 def _split_names(text: Optional[str], flag: str) -> list[str]:
@@ -507,11 +592,13 @@ _BENCH_SETTINGS = _MODEL_FLAGS + _PREP_FLAGS + _FT_FLAGS + _BENCH_FLAGS
 def _bench_adapt(args: argparse.Namespace) -> int:
     _set_threads(args)
     cfg = _settings(args, _BENCH_SETTINGS)
-    corpus = _load_corpus(args.corpus, args.tokenizer)
-    heldout = _split_names(args.heldout, "--heldout")
+    spec, held_text = _data_spec(args)
+    corpus = _load_corpus(spec, args.tokenizer)
+    heldout = _split_names(held_text, "--heldout (or [bench] heldout)")
     missing = [h for h in heldout if h not in corpus]
     if missing:
         raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
+    _check_validation(corpus, heldout, cfg)
     base = None
     if args.model:
         base = _load_base(args.model)
@@ -569,14 +656,15 @@ def _demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cfg = _settings(args, _BENCH_SETTINGS)
-    if args.corpus in (None, "machine"):
+    spec, held_text = _data_spec(args)
+    if spec == "machine":
         corpus = machine_corpus(max_bytes=args.max_bytes)
         where = "found on this machine"
     else:
-        corpus = _load_corpus(args.corpus, args.tokenizer)
-        where = f"in {args.corpus}"
-    if args.heldout:
-        heldout = _split_names(args.heldout, "--heldout")
+        corpus = _load_corpus(spec, args.tokenizer)
+        where = f"in {spec}"
+    if held_text:
+        heldout = _split_names(held_text, "--heldout")
         missing = [h for h in heldout if h not in corpus]
         if missing:
             raise ValueError(f"--heldout {missing} not in the corpus (domains: {', '.join(corpus.names)})")
@@ -586,6 +674,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise ValueError(f"too few text domains {where} ({corpus.names}) for the demo (it needs held-out domains and "
                          "at least 2 others); pass --corpus DIR (one subfolder of text files per domain) and "
                          "--heldout NAME,NAME")
+    _check_validation(corpus, heldout, cfg)
+    if cfg.base_budgets:
+        print(f"base budgets: the whole benchmark for each of {list(cfg.base_budgets)} pretraining steps", flush=True)
     os.makedirs(args.out, exist_ok=True)
     corpus.write_manifest(os.path.join(args.out, "corpus_manifest.json"))
     print(f"domains {where}: {', '.join(corpus.names)}")
@@ -999,12 +1090,16 @@ def _common(p: argparse.ArgumentParser, *, config: Optional[str] = "all", progre
 
 
 def _corpus_flags(p: argparse.ArgumentParser, *, required: bool = False, default: Optional[str] = "machine",
-                  recorded: bool = False) -> None:
+                  recorded: bool = False, from_config: bool = False) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--corpus", default=None if required else default, required=required,
-                   help="'machine' (text files found here), 'generated[:N]', a folder with one subfolder of text "
-                        "files per domain, a .jsonl file of {\"domain\", \"text\"} records, or a corpus manifest "
-                        f".json (default: {'none, required' if required else default})")
+    shown = "none, required" if required else ("[bench] corpus of --config, else machine" if from_config else default)
+    g.add_argument("--corpus", default=None if required or from_config else default, required=required,
+                   help="'machine' (text files found here), 'generated[:N]' (N independent generated Markov domains, "
+                        "default 6), 'planted[:N]' (N generated domains with planted shared structure: one shared "
+                        "Markov chain that each domain relabels and mixes in its own way, each with its known "
+                        "optimal loss; default 8), a folder with one subfolder of text files per domain, a .jsonl "
+                        "file of {\"domain\", \"text\"} records, or a corpus manifest "
+                        f".json (default: {shown})")
     g.add_argument("--tokenizer", default=None,
                    help="'bytes' or a local transformers tokenizer folder (default: "
                         f"{'the one the model was prepared with' if recorded else 'bytes'})")
@@ -1104,14 +1199,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = add("bench-adapt", "adaptation-time benchmark of the arms on held-out domains (MLtD vs matched controls)")
     g = b.add_argument_group("what")
-    g.add_argument("--heldout", required=True, help="comma-separated held-out domains (required)")
+    g.add_argument("--heldout", default=None, help="comma-separated held-out domains (required, here or as [bench] "
+                                                   "heldout of --config; default: [bench] heldout)")
     g.add_argument("--json", default=None, help="write the results here (default: not written)")
     g.add_argument("--png", default=None, help="write the loss curves here (default: not written)")
     g.add_argument("--log", default=None, help="JSONL log of every phase (default: none)")
     g.add_argument("--model", default=None, help="local transformers causal-LM folder every arm starts from "
                                                  "(default: pretrain a small GPT-2 on the preparation domains)")
     g.add_argument("--work-dir", default=None, help="keep the preparation logs here (default: not kept)")
-    _corpus_flags(b)
+    _corpus_flags(b, from_config=True)
     _common(b)
     _cache_flags(b)
     _add_setting_flags(b, _MODEL_FLAGS, "model")
@@ -1125,9 +1221,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="tarp-fast-demo", help="output folder (default: ./tarp-fast-demo)")
     g.add_argument("--max-bytes", type=int, default=300_000, help="text per domain found on this machine, in bytes "
                                                                   "(default: 300000)")
-    g.add_argument("--heldout", default=None, help="comma-separated held-out domains (default: the first two of "
-                                                   f"{', '.join(DEMO_HELDOUT)} present)")
-    _corpus_flags(d)
+    g.add_argument("--heldout", default=None, help="comma-separated held-out domains (default: [bench] heldout of "
+                                                   f"--config, else the first two of {', '.join(DEMO_HELDOUT)} "
+                                                   "present)")
+    _corpus_flags(d, from_config=True)
     _common(d)
     _cache_flags(d)
     _add_setting_flags(d, _MODEL_FLAGS, "model")

@@ -1,7 +1,8 @@
 """Data without network: multi-domain corpora, tokenizers, support/query sampling.
 
 * :func:`machine_corpus`: one domain per kind of text on this machine (recorded with hashes).
-* :func:`markov_corpus`: generated domains with a known optimal loss.
+* :func:`markov_corpus`: generated domains with a known optimal loss; :func:`planted_corpus`:
+  generated domains with planted shared structure (a shared chain, relabeled and mixed per domain).
 * :func:`folder_corpus` / :func:`jsonl_corpus`: user data, one domain per subfolder / record key.
 * :class:`ByteTokenizer` (default) or a local transformers tokenizer (:func:`load_tokenizer`).
 * :class:`TaskSampler`: meta-batches of domains with support and query windows.
@@ -17,7 +18,7 @@ from .corpus import (
     load_corpus,
     machine_corpus,
 )
-from .generated import entropy_rate, markov_corpus, markov_domain
+from .generated import entropy_rate, markov_corpus, markov_domain, planted_corpus, planted_domain, planted_parameters
 from .sampling import DomainSplits, TaskBatch, TaskSampler, eval_windows, random_windows, step_generator
 from .tokenize import ByteTokenizer, HFTokenizer, load_tokenizer
 
@@ -33,6 +34,9 @@ __all__ = [
     "entropy_rate",
     "markov_corpus",
     "markov_domain",
+    "planted_corpus",
+    "planted_domain",
+    "planted_parameters",
     "DomainSplits",
     "TaskBatch",
     "TaskSampler",

@@ -11,7 +11,10 @@ with their sizes and sha256, so a run can be reproduced or checked (:meth:`Corpu
   are left out, so the set of domains depends on the machine; the manifest records what was used.
 * :func:`folder_corpus`: a user folder with one subfolder of text files per domain.
 * :func:`jsonl_corpus`: a JSONL file of ``{"domain": NAME, "text": TEXT}`` records.
-* :func:`tarp_fast.data.generated.markov_corpus`: synthetic domains with a known optimal loss.
+* :func:`tarp_fast.data.generated.markov_corpus`: synthetic domains with a known optimal loss
+  (spec ``generated[:N]``), and :func:`tarp_fast.data.generated.planted_corpus`: a family of
+  generated domains with planted shared structure, one shared Markov chain that each domain
+  relabels and mixes in its own way, each with its known optimal loss (spec ``planted[:N]``).
 
 File choice is deterministic and spread over each kind: candidates are ordered by the sha1 of
 their path (not alphabetically, which would take one corner of a tree) and taken until
@@ -300,7 +303,8 @@ def corpus_from_manifest(manifest: dict, *, tokenizer=None, verify: bool = True)
     domains = []
     for name, entry in manifest.get("domains", {}).items():
         if entry.get("kind") == "generated":
-            raise ValueError(f"corpus_from_manifest: domain {name!r} is generated; rebuild it with markov_corpus")
+            raise ValueError(f"corpus_from_manifest: domain {name!r} is generated; rebuild it with markov_corpus or "
+                             "planted_corpus (its 'info' records the seed)")
         chunks = []
         for f in entry["files"]:
             got = _read_text_file(f["path"], f["bytes_used"])
@@ -372,15 +376,36 @@ def jsonl_corpus(path: str, *, tokenizer=None, domain_key: str = "domain", text_
     return Corpus(domains, tokenizer, source=os.path.abspath(path))
 
 
+def _generated_count(spec: str, family: str, default: int, minimum: int) -> int:
+    """``N`` of a ``family[:N]`` spec (``default`` without ``:N``); a clear error otherwise."""
+    if spec == family:
+        return default
+    text = spec[len(family) + 1:]
+    try:
+        n = int(text)
+    except ValueError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"load_corpus: argument 'spec' {spec!r}: '{family}:N' needs an integer number of domains "
+                         f"N >= {minimum}, got {text!r}")
+    return n
+
+
 def load_corpus(spec: str, *, tokenizer=None, **kw) -> Corpus:
-    """``"machine"``, ``"generated"``, a ``.jsonl`` file, a manifest ``.json`` or a folder of domains."""
+    """``"machine"``, ``"generated[:N]"`` (N independent Markov domains, default 6),
+    ``"planted[:N]"`` (N domains of the planted family, default 8), a ``.jsonl`` file, a manifest
+    ``.json`` or a folder of domains."""
     if spec in ("machine", "", None):
         return machine_corpus(tokenizer=tokenizer, **kw)
     if spec == "generated" or (isinstance(spec, str) and spec.startswith("generated:")):
         from .generated import markov_corpus  # noqa: PLC0415
 
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 6
-        return markov_corpus(n, **kw)
+        return markov_corpus(_generated_count(spec, "generated", 6, 1), **kw)
+    if spec == "planted" or (isinstance(spec, str) and spec.startswith("planted:")):
+        from .generated import planted_corpus  # noqa: PLC0415
+
+        # at least 2: a family needs a domain to prepare on and one to hold out
+        return planted_corpus(_generated_count(spec, "planted", 8, 2), **kw)
     if os.path.isfile(spec) and spec.endswith(".jsonl"):
         return jsonl_corpus(spec, tokenizer=tokenizer)
     if os.path.isfile(spec) and spec.endswith(".json"):
@@ -388,5 +413,5 @@ def load_corpus(spec: str, *, tokenizer=None, **kw) -> Corpus:
             return corpus_from_manifest(json.load(fh), tokenizer=tokenizer)
     if os.path.isdir(spec):
         return folder_corpus(spec, tokenizer=tokenizer, **kw)
-    raise FileNotFoundError(f"load_corpus: argument 'spec' must be 'machine', 'generated[:N]', a .jsonl file, "
-                            f"a corpus manifest .json or a folder of domains; got {spec!r}")
+    raise FileNotFoundError(f"load_corpus: argument 'spec' must be 'machine', 'generated[:N]', 'planted[:N]', a "
+                            f".jsonl file, a corpus manifest .json or a folder of domains; got {spec!r}")

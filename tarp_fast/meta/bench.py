@@ -61,6 +61,28 @@ low-rank factors and need a larger step; both are settings, reported in the JSON
 control gets the same preparation budget as MLtD in windows processed: ``meta_steps × T ×
 (inner_steps × B + Bq)`` windows, in batches of ``T × B``.
 
+**Learning rates per arm** (``lr_grid``, off by default): each arm's configured learning rate
+(``full_lr`` for the full-weight arms; ``adapter_lr`` and, under protocol ``"all"``, ``full_lr``
+for the rest of the weights of the adapter arms) is multiplied by each value of the grid, the arm
+fine-tuned once per value on a *validation domain* that is neither a preparation nor a held-out
+domain (``validation_domain``, default: the last preparation domain, taken out of the
+preparation), protocol by protocol, with the first seed only (its base, preparation and batch
+order; one seed is enough to pick the order of magnitude, and it keeps the grid's cost at one
+seed's fine-tuning); the value with the lowest final validation loss is used for that arm and
+protocol on every held-out domain and seed. JSON ``lr_selection``: the grid, the validation
+domain and where it came from, the seed, and per protocol and arm the grid's final losses
+(``None``: diverged) and the chosen multiplier and learning rates (``null`` when off).
+
+**Base budgets** (``base_budgets``, pretraining steps; empty: one budget, ``pretrain_steps``):
+the whole benchmark runs once per budget; the top-level keys are those of the first budget, and
+``by_base_budget`` holds ``budgets``, a ``summary`` (per budget, protocol and MLtD arm: the
+median over held-out domains and seeds of the speed-up over the matched control, with a
+bootstrap interval over those pairs, and each domain's median) and the complete ``results`` of
+the other budgets.
+
+``optimal_loss`` (generated corpora only): each held-out domain's lowest achievable loss, the
+entropy rate of its chain (:mod:`tarp_fast.data.generated`).
+
 Per held-out domain: the curve ``[[step, loss, seconds]]`` at log-spaced and evenly spaced steps,
 the target (the ``direct`` arm's final loss), each arm's final loss and its steps to the target
 (the first evaluated step whose loss is at most the target, ``None`` if never). With several
@@ -71,13 +93,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -88,12 +111,12 @@ from .._io import atomic_write_bytes
 from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler, dedup_eval_windows, random_windows, step_generator
 from ..nn.linear import TARPLinear
-from .finetune import FinetuneRecipe, RunProgress, finetune, train_lm
+from .finetune import FinetuneRecipe, NonFiniteLossError, RunProgress, finetune, train_lm
 from .models import check_vocab, count_parameters, small_gpt2
 from .prepare import PrepConfig, prepare
 
 __all__ = ["ARMS", "OPTIONAL_ARMS", "MATCHED_CONTROLS", "PROTOCOLS", "BenchConfig", "multitask_prepare", "comparisons", "run_benchmark", "format_table", "plot_curves", "curves_figure",
-           "steps_to_target", "tams_available", "pretrained_base", "base_cache_path"]
+           "steps_to_target", "tams_available", "pretrained_base", "base_cache_path", "validation_split", "budget_summary"]
 
 ARMS = ("direct", "tarp", "multitask", "mltd_tarp", "multitask_tarp", "mltd_tarp_tams", "multitask_tarp_tams")
 #: Arms that run only when asked for (``--arms``); see the table above.
@@ -148,6 +171,14 @@ class BenchConfig:
     vary_base: bool = True
     #: TARP layers with the Hadamard term (``W ⊙ softplus(P Q + c)``; TARPLinear ``scale_weight``)
     scale_weight: bool = False
+    #: multipliers of each arm's configured learning rate tried on the validation domain (module
+    #: docstring); empty: off, every arm uses its configured learning rate
+    lr_grid: tuple = ()
+    #: the domain the learning rates are chosen on (neither preparation nor held out); ``None``
+    #: with a grid: the last preparation domain, taken out of the preparation
+    validation_domain: Optional[str] = None
+    #: pretraining steps of the base, one whole benchmark per value; empty: ``pretrain_steps``
+    base_budgets: tuple = ()
 
     def __post_init__(self):
         if isinstance(self.prep, dict):
@@ -172,6 +203,19 @@ class BenchConfig:
         if self.finetune_scope not in self.protocols:
             raise ValueError(f"BenchConfig: 'finetune_scope' ({self.finetune_scope!r}) must be one of 'protocols' "
                              f"{list(self.protocols)} (it fills the legacy keys 'domains' and 'per_seed')")
+        self.lr_grid = tuple(float(x) for x in self.lr_grid)
+        if any(not (math.isfinite(x) and x > 0) for x in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
+            raise ValueError(f"BenchConfig: argument 'lr_grid' ([bench] lr_grid) must list distinct positive "
+                             f"multipliers of each arm's learning rate, got {list(self.lr_grid)}")
+        if self.validation_domain is not None and not self.lr_grid:
+            raise ValueError(f"BenchConfig: argument 'validation_domain' ([bench] validation_domain) is "
+                             f"{self.validation_domain!r} but 'lr_grid' is empty: the validation domain only serves "
+                             "the learning-rate grid; set [bench] lr_grid too, or drop it")
+        self.base_budgets = tuple(self.base_budgets)
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.base_budgets) or \
+                len(set(self.base_budgets)) != len(self.base_budgets):
+            raise ValueError(f"BenchConfig: argument 'base_budgets' ([bench] base_budgets) must list distinct "
+                             f"positive integers (pretraining steps), got {list(self.base_budgets)}")
         if self.prep.seq_len != self.finetune.seq_len:
             raise ValueError(f"BenchConfig: prep.seq_len ({self.prep.seq_len}) must equal finetune.seq_len "
                              f"({self.finetune.seq_len})")
@@ -180,6 +224,7 @@ class BenchConfig:
         d = asdict(self)
         d["prep"] = self.prep.to_dict()
         d["seeds"], d["arms"], d["protocols"] = list(self.seeds), list(self.arms), list(self.protocols)
+        d["lr_grid"], d["base_budgets"] = list(self.lr_grid), list(self.base_budgets)
         return d
 
 
@@ -206,6 +251,25 @@ def kronecker_batches(variant: str) -> bool:
     layer needs per-task weights (``TARPLinear._kronecker_per_task``); without them the
     preparation runs the reference loop over tasks (``PrepConfig.batched=False``, same result)."""
     return variant != "kronecker" or hasattr(TARPLinear, "_kronecker_per_task")
+
+
+class _TrainOnce(DomainSplits):
+    """:class:`DomainSplits` whose ``train`` (support and query concatenated) is built once:
+    the base class concatenates on every access, and a mixed batch reads it once per window; at
+    200k tokens per domain that cost 0.07-0.2 s per batch of 16 on a shared 2-core machine (more
+    than the training step), 4e-4 s with the text built once. Same tensors, so the same batches."""
+
+    @functools.cached_property
+    def train(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.cat([self.support, self.query])
+
+
+def _mixed_sampler(corpus: Corpus, seq_len: int, seed: int) -> TaskSampler:
+    """The :class:`TaskSampler` of pretraining and of the multitask control (``mixed_batch_at``),
+    with each domain's training text concatenated once (:class:`_TrainOnce`)."""
+    sampler = TaskSampler(corpus, seq_len=seq_len, seed=seed)
+    sampler.splits = {n: _TrainOnce(sp.support, sp.query, sp.eval) for n, sp in sampler.splits.items()}
+    return sampler
 
 
 def _model_kw(cfg: BenchConfig, vocab: int) -> dict:
@@ -248,7 +312,7 @@ def pretrained_base(corpus: Corpus, cfg: BenchConfig, *, cache_dir: Optional[str
 
         load_model(model, path)
         return model, 0.0, True
-    sampler = TaskSampler(corpus, seq_len=cfg.finetune.seq_len, seed=bseed + 99_991)
+    sampler = _mixed_sampler(corpus, cfg.finetune.seq_len, bseed + 99_991)
     t0 = time.perf_counter()
     train_lm(model, lambda s: sampler.mixed_batch_at(s, cfg.pretrain_batch)[0], cfg.pretrain_steps,
              lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20), progress=progress,
@@ -373,6 +437,36 @@ def multitask_prepare(model: nn.Module, sampler: TaskSampler, config: PrepConfig
     return {"steps": config.meta_steps, "seconds": time.perf_counter() - t0, "losses": losses}
 
 
+def validation_split(corpus: Corpus, heldout: Sequence[str], cfg: BenchConfig) -> tuple[Optional[str], str]:
+    """``(name, source)`` of the validation domain the learning rates are chosen on (``None``
+    when ``cfg.lr_grid`` is empty); ``source`` says where it came from. Errors name the key."""
+    if not cfg.lr_grid:
+        return None, ""
+    heldout = list(heldout)
+    if cfg.validation_domain is not None:
+        name = cfg.validation_domain
+        if name not in corpus:
+            raise ValueError(f"[bench] validation_domain {name!r} is not a domain of the corpus "
+                             f"(domains: {', '.join(corpus.names)})")
+        if name in heldout:
+            raise ValueError(f"[bench] validation_domain {name!r} is also held out (held out: {', '.join(heldout)}); "
+                             "it must be neither a preparation nor a held-out domain")
+        source = "[bench] validation_domain (left out of the preparation)"
+    else:
+        rest = [n for n in corpus.names if n not in heldout]
+        if not rest:
+            raise ValueError("[bench] lr_grid: no domain is left for validation (every domain is held out)")
+        name = rest[-1]
+        source = ("the last preparation domain, taken out of the preparation: the default; [bench] "
+                  "validation_domain chooses another")
+    left = [n for n in corpus.names if n not in heldout and n != name]
+    if len(left) < 2:
+        raise ValueError(f"[bench] lr_grid: taking the validation domain {name!r} out leaves {len(left)} preparation "
+                         f"domain(s) ({', '.join(left) or 'none'}); the benchmark needs at least 2 (add domains or "
+                         "hold out fewer)")
+    return name, source
+
+
 def run_benchmark(
     corpus: Corpus,
     heldout: Sequence[str],
@@ -393,9 +487,183 @@ def run_benchmark(
     instead of pretraining the small GPT-2 of ``cfg``. ``progress``: ``True`` (bars on a
     terminal, plain lines otherwise) or a :class:`~tarp_fast.meta.finetune.RunProgress`; every
     phase is announced as "[k/N] ..." with an estimate of the time left in the whole run.
+
+    With ``cfg.lr_grid`` the learning rates are first chosen per arm on the validation domain
+    (:func:`validation_split`); with ``cfg.base_budgets`` the whole benchmark runs once per
+    pretraining budget (module docstring: ``lr_selection``, ``by_base_budget``).
     """
     log = log or (lambda rec: None)
-    prep_corpus, held_corpus = corpus.split_heldout(heldout)
+    validation, _ = validation_split(corpus, heldout, cfg)  # checked before anything runs
+    budgets = list(cfg.base_budgets) or [cfg.pretrain_steps]
+    if cfg.base_budgets and base_model is not None:
+        raise ValueError("run_benchmark: 'base_budgets' ([bench] base_budgets) are pretraining budgets of the small "
+                         "GPT-2; with a given 'base_model' (--model) there is nothing to pretrain: drop one of them")
+    subs = [replace(cfg, pretrain_steps=b, base_budgets=()) for b in budgets]
+    if progress is True:
+        progress = RunProgress()
+    if isinstance(progress, RunProgress):
+        prep_corpus = corpus.split_heldout([*heldout, *([validation] if validation else [])])[0]
+        arms = [a for a in cfg.arms if not (a in _TAMS_ARMS and tams_available() is not None)]
+        for sub in subs:
+            pretrain_seeds = [] if base_model is not None else [
+                s for s in (sub.seeds if sub.vary_base else sub.seeds[:1])
+                if not (cache_dir and os.path.isfile(base_cache_path(prep_corpus, sub, cache_dir, s)))]
+            for phase in _phase_plan(sub, arms, list(heldout), pretrain=len(pretrain_seeds)):
+                progress.add(*phase)
+    t_all = time.perf_counter()
+    results = []
+    for b, sub in zip(budgets, subs):
+        sub_dir = work_dir
+        if len(subs) > 1:
+            log({"phase": "base_budget", "pretrain_steps": b})
+            if work_dir:  # each budget's preparation logs apart
+                sub_dir = os.path.join(work_dir, f"budget{b}")
+                os.makedirs(sub_dir, exist_ok=True)
+        results.append(_run_budget(corpus, heldout, sub, cache_dir=cache_dir, progress=progress, log=log,
+                                   work_dir=sub_dir, base_model=base_model))
+    out = results[0]
+    if cfg.base_budgets:
+        out["settings"] = replace(cfg, pretrain_steps=budgets[0]).to_dict()
+        out["by_base_budget"] = {
+            "budgets": budgets,
+            "what": "the whole benchmark once per pretraining budget of the base; the top-level keys are the first "
+                    "budget's",
+            "summary": budget_summary(results, budgets),
+            "seconds": {str(b): r["total_seconds"] for b, r in zip(budgets, results)},
+            "total_seconds": time.perf_counter() - t_all,
+            "results": {str(b): r for b, r in zip(budgets[1:], results[1:])},
+        }
+    return out
+
+
+def budget_summary(results: Sequence[dict], budgets: Sequence[int], *, seed: int = 0) -> list[dict]:
+    """How the headline effect changes with the base's pretraining budget: one entry per budget,
+    protocol and MLtD arm with the median, over every (held-out domain, seed) pair of its matched
+    comparisons, of the per-seed speed-up over the matched control (control steps / arm steps,
+    censored at budget + 1), a bootstrap 95% interval resampling those pairs (seeded with
+    ``seed``), each domain's median, and the censored counts."""
+    from .stats import bootstrap_ci, median  # noqa: PLC0415
+
+    out = []
+    for b, res in zip(budgets, results):
+        groups: dict[tuple, list[dict]] = {}
+        for c in res.get("comparisons", []):
+            if c.get("matched"):
+                groups.setdefault((c["protocol"], c["arm"], c["control"]), []).append(c)
+        for (protocol, arm, control), comps in groups.items():
+            pairs = [x for c in comps for x in c["speedup_per_seed"]]
+            out.append({"pretrain_steps": int(b), "protocol": protocol, "arm": arm, "control": control,
+                        "speedup_median": median(pairs), "speedup_ci95": bootstrap_ci(pairs, seed=seed),
+                        "pairs": len(pairs), "per_domain": {c["domain"]: c["speedup_median"] for c in comps},
+                        "censored_arm": sum(c["censored_arm"] for c in comps),
+                        "censored_control": sum(c["censored_control"] for c in comps),
+                        "final_loss_arm": sum(c["final_loss_arm"] for c in comps) / len(comps),
+                        "final_loss_control": sum(c["final_loss_control"] for c in comps) / len(comps)})
+    return out
+
+
+def _finetune_arm(starts: dict, arm: str, protocol: str, train: torch.Tensor, eval_stream: torch.Tensor,
+                  archs: dict, cfg: BenchConfig, seed: int, *, mult: float = 1.0, progress=False,
+                  desc: str = "") -> list:
+    """The curve of ``arm`` fine-tuned under ``protocol`` from a copy of ``starts[arm]``, with
+    its configured learning rates times ``mult``."""
+    model = copy.deepcopy(starts[arm])
+    ctx = None
+    if arm in _FULL_ARMS:
+        params, lr = list(model.parameters()), cfg.full_lr * mult
+    else:
+        mark_only_tarp_trainable(model)
+        params, lr = tarp_parameters(model), cfg.adapter_lr * mult
+        if protocol == "all":
+            adapter_ids = {id(p) for p in params}
+            rest = [p for p in model.parameters() if id(p) not in adapter_ids]
+            params = [{"params": params, "lr": cfg.adapter_lr * mult}, {"params": rest, "lr": cfg.full_lr * mult}]
+        if arm in archs:
+            from ..tams import use_architecture  # noqa: PLC0415
+
+            ctx = (lambda model=model, arch=archs[arm]: use_architecture(model, arch))
+    return finetune(model, params, train, eval_stream, cfg.finetune, seed=seed, lr=lr, progress=progress, desc=desc,
+                    context=ctx)
+
+
+def _deploy(starts: dict, arms: Sequence[str], train: torch.Tensor, cfg: BenchConfig, seed: int) -> dict:
+    """The TAMS architectures of the TAMS arms for one domain and seed, deployed from the same
+    16 support windows of ``train``."""
+    archs: dict[str, object] = {}
+    support = random_windows(train, 16, cfg.finetune.seq_len, step_generator(seed, 0, 77))
+    for arm in ("mltd_tarp_tams", "multitask_tarp_tams", "tarp_tams"):
+        if arm not in arms:
+            continue
+        if arm == "tarp_tams" and "mltd_tarp_tams" in archs:
+            archs[arm] = archs["mltd_tarp_tams"]  # only the preparation differs
+        else:
+            archs[arm] = _tams_context(starts[arm], support)[1]
+    return archs
+
+
+def _lr_configured(cfg: BenchConfig, arm: str, protocol: str, mult: float) -> dict:
+    if arm in _FULL_ARMS:
+        return {"full": cfg.full_lr * mult}
+    out = {"adapter": cfg.adapter_lr * mult}
+    if protocol == "all":
+        out["rest"] = cfg.full_lr * mult
+    return out
+
+
+def _select_lrs(starts: dict, arms: Sequence[str], domain, cfg: BenchConfig, seed: int, *, progress, log) -> dict:
+    """Per protocol and arm: fine-tune once per value of ``cfg.lr_grid`` on the validation
+    ``domain`` and keep the multiplier with the lowest final validation loss (ties: the first in
+    the grid). A run whose loss turns non-finite counts as diverged (loss ``None``, never chosen).
+    Returns ``{protocol: {arm: {"final_loss", "chosen_multiplier", "chosen_lr"}}}``."""
+    splits = DomainSplits.of(domain.tokens, eval_fraction=cfg.finetune.eval_fraction)
+    eval_stream = _dedup_eval(splits, cfg, domain.name, {})
+    archs = _deploy(starts, arms, splits.train, cfg, seed)
+    out: dict[str, dict] = {}
+    shared: dict[str, dict] = {}
+    for protocol in cfg.protocols:
+        out[protocol] = {}
+        for arm in arms:
+            if arm in _FULL_ARMS and arm in shared:
+                out[protocol][arm] = shared[arm]
+                continue
+            losses: list[Optional[float]] = []
+            for mult in cfg.lr_grid:
+                desc = (f"lr grid x{mult:g}: {arm} on {domain.name} (seed {seed})"
+                        + ("" if arm in _FULL_ARMS else f" [{protocol}]"))
+                try:
+                    curve = _finetune_arm(starts, arm, protocol, splits.train, eval_stream, archs, cfg, seed, mult=mult,
+                                          progress=progress, desc=desc)
+                    losses.append(curve[-1][1])
+                except NonFiniteLossError:
+                    losses.append(None)
+                log({"phase": "lr_grid", "arm": arm, "protocol": protocol, "domain": domain.name, "seed": seed,
+                     "multiplier": mult, "final_loss": losses[-1]})
+            finite = [(loss, i) for i, loss in enumerate(losses) if loss is not None]
+            # every value diverged: keep the configured rate (x1), so the held-out runs say so themselves
+            best = cfg.lr_grid[min(finite)[1]] if finite else 1.0
+            out[protocol][arm] = {"final_loss": losses, "chosen_multiplier": best,
+                                  "chosen_lr": _lr_configured(cfg, arm, protocol, best)}
+            if arm in _FULL_ARMS:
+                shared[arm] = out[protocol][arm]
+    return out
+
+
+def _run_budget(
+    corpus: Corpus,
+    heldout: Sequence[str],
+    cfg: BenchConfig,
+    *,
+    cache_dir: Optional[str],
+    progress,
+    log: Callable[[dict], None],
+    work_dir: Optional[str],
+    base_model: Optional[nn.Module],
+) -> dict:
+    """:func:`run_benchmark` for one pretraining budget (``cfg.pretrain_steps``); ``progress``
+    already holds the plan of the whole run."""
+    validation, validation_source = validation_split(corpus, heldout, cfg)
+    prep_corpus, _ = corpus.split_heldout([*heldout, *([validation] if validation else [])])
+    _, held_corpus = corpus.split_heldout(heldout)
     unavailable: dict[str, str] = {}
     arms = list(cfg.arms)
     for arm in _TAMS_ARMS:
@@ -405,14 +673,6 @@ def run_benchmark(
                 unavailable[arm] = reason
                 arms.remove(arm)
     t_all = time.perf_counter()
-    if progress is True:
-        progress = RunProgress()
-    if isinstance(progress, RunProgress):
-        pretrain_seeds = [] if base_model is not None else [
-            s for s in (cfg.seeds if cfg.vary_base else cfg.seeds[:1])
-            if not (cache_dir and os.path.isfile(base_cache_path(prep_corpus, cfg, cache_dir, s)))]
-        for phase in _phase_plan(cfg, arms, held_corpus.names, pretrain=len(pretrain_seeds)):
-            progress.add(*phase)
     if base_model is not None:
         check_vocab(base_model, corpus.vocab_size, what="run_benchmark: argument 'base_model'")
         log({"phase": "pretrain", "seconds": 0.0, "given": True})
@@ -424,6 +684,7 @@ def run_benchmark(
     arch_reports: dict[str, dict] = {}
     eval_dedup: dict[str, dict] = {}
     sizes: dict = {}
+    lr_choice: Optional[dict] = None
     base = None
     for seed in cfg.seeds:
         if base_model is not None:
@@ -444,7 +705,7 @@ def run_benchmark(
             _add_tams(starts["tarp_tams"], cfg, seed)
         if "multitask" in arms:
             mt = copy.deepcopy(base)
-            sampler = TaskSampler(prep_corpus, seq_len=pc.seq_len, seed=pc.seed + seed)
+            sampler = _mixed_sampler(prep_corpus, pc.seq_len, pc.seed + seed)
             windows = pc.tasks_per_batch * (pc.inner_steps * pc.batch_size + pc.query_batch_size)
             batch = pc.tasks_per_batch * pc.batch_size
             steps = max(1, round(pc.meta_steps * windows / batch))
@@ -484,24 +745,20 @@ def run_benchmark(
                 phase.close()
             prep_cost.setdefault(arm, []).append(res["seconds"])
             starts[arm] = m
+        if cfg.lr_grid and lr_choice is None:
+            # chosen once, with the first seed's starting points, and used for every seed
+            lr_choice = _select_lrs(starts, arms, corpus[validation], cfg, seed, progress=progress, log=log)
         for name in held_corpus.names:
             splits = DomainSplits.of(held_corpus[name].tokens, eval_fraction=cfg.finetune.eval_fraction)
             eval_stream = _dedup_eval(splits, cfg, name, eval_dedup)
             # architectures, deployed once per domain and seed from the same support windows
-            archs: dict[str, object] = {}
-            support = random_windows(splits.train, 16, cfg.finetune.seq_len, step_generator(seed, 0, 77))
-            for arm in ("mltd_tarp_tams", "multitask_tarp_tams", "tarp_tams"):
-                if arm not in arms:
-                    continue
-                if arm == "tarp_tams" and "mltd_tarp_tams" in archs:
-                    archs[arm] = archs["mltd_tarp_tams"]  # only the preparation differs
-                else:
-                    archs[arm] = _tams_context(starts[arm], support)[1]
+            archs = _deploy(starts, arms, splits.train, cfg, seed)
+            for arm, arch in archs.items():
                 from ..tams import architecture_report  # noqa: PLC0415
 
                 key = f"{name}/seed{seed}" if arm == "mltd_tarp_tams" else f"{arm}:{name}/seed{seed}"
-                arch_reports[key] = architecture_report(archs[arm], log=False)
-                sizes.setdefault("tams_active_cell_parameters", {})[key] = _active_cell_parameters(starts[arm], archs[arm])
+                arch_reports[key] = architecture_report(arch, log=False)
+                sizes.setdefault("tams_active_cell_parameters", {})[key] = _active_cell_parameters(starts[arm], arch)
             shared: dict[str, list] = {}  # full-weight arms: the same run under every protocol
             for protocol in protocols:
                 curves: dict[str, list] = {}
@@ -509,24 +766,10 @@ def run_benchmark(
                     if arm in _FULL_ARMS and arm in shared:
                         curves[arm] = shared[arm]
                         continue
-                    model = copy.deepcopy(starts[arm])
-                    ctx = None
-                    if arm in _FULL_ARMS:
-                        params, lr = list(model.parameters()), cfg.full_lr
-                    else:
-                        mark_only_tarp_trainable(model)
-                        params, lr = tarp_parameters(model), cfg.adapter_lr
-                        if protocol == "all":
-                            adapter_ids = {id(p) for p in params}
-                            rest = [p for p in model.parameters() if id(p) not in adapter_ids]
-                            params = [{"params": params, "lr": cfg.adapter_lr}, {"params": rest, "lr": cfg.full_lr}]
-                        if arm in archs:
-                            from ..tams import use_architecture  # noqa: PLC0415
-
-                            ctx = (lambda model=model, arch=archs[arm]: use_architecture(model, arch))
+                    mult = lr_choice[protocol][arm]["chosen_multiplier"] if lr_choice else 1.0
                     desc = f"{arm} on {name} (seed {seed})" + ("" if arm in _FULL_ARMS else f" [{protocol}]")
-                    curves[arm] = finetune(model, params, splits.train, eval_stream, cfg.finetune, seed=seed, lr=lr,
-                                           progress=progress, desc=desc, context=ctx)
+                    curves[arm] = _finetune_arm(starts, arm, protocol, splits.train, eval_stream, archs, cfg, seed,
+                                                mult=mult, progress=progress, desc=desc)
                     if arm in _FULL_ARMS:
                         shared[arm] = curves[arm]
                     log({"phase": "finetune", "arm": arm, "domain": name, "seed": seed, "protocol": protocol,
@@ -556,13 +799,26 @@ def run_benchmark(
         "matched_controls": f"AdamW (lr {pc.outer_lr}, no schedule, grad clip {pc.grad_clip}), one step per meta-batch",
         "meta_test": (f"AdamW, constant lr (adapter {cfg.adapter_lr}, full weights {cfg.full_lr}), "
                       f"weight decay {cfg.finetune.weight_decay}, grad clip {cfg.finetune.grad_clip}, "
-                      f"{cfg.finetune.steps} steps of {cfg.finetune.batch_size} windows")}
+                      f"{cfg.finetune.steps} steps of {cfg.finetune.batch_size} windows"
+                      + (", each arm's rates times its multiplier chosen in lr_selection" if lr_choice else ""))}
+    out["lr_selection"] = None if not lr_choice else {
+        "grid": list(cfg.lr_grid), "validation_domain": validation, "validation_domain_source": validation_source,
+        "seed": int(cfg.seeds[0]),
+        "how": ("each arm fine-tuned once per multiplier of its configured learning rate(s) on the validation domain, "
+                "protocol by protocol, with the first seed only (its base, preparation and batch order); the "
+                "multiplier with the lowest final validation loss is used for every held-out domain and seed; "
+                "final_loss None: diverged"),
+        "configured_lr": {"adapter_lr": cfg.adapter_lr, "full_lr": cfg.full_lr},
+        "protocols": lr_choice}
     out["total_seconds"] = time.perf_counter() - t_all
     out["sizes"] = sizes
     out["settings"] = cfg.to_dict()
     out["heldout"] = list(held_corpus.names)
     out["preparation_domains"] = list(prep_corpus.names)
     out["corpus"] = {"source": corpus.source, "fingerprint": corpus.fingerprint()}
+    known = {n: held_corpus[n].optimal_loss for n in held_corpus.names if held_corpus[n].optimal_loss is not None}
+    if known:  # generated domains: the lowest achievable loss (entropy rate), to read the losses against
+        out["optimal_loss"] = known
     if arch_reports:
         out["tams_architectures"] = arch_reports
     out["goal"] = goal_summary(out)
@@ -575,7 +831,7 @@ def _phase_plan(cfg: BenchConfig, arms: Sequence[str], heldout: Sequence[str], *
     number of bases to pretrain (those not cached)."""
     pc, ft = cfg.prep, cfg.finetune
     plan = [("pretrain", cfg.pretrain_steps, cfg.pretrain_batch)] * int(pretrain)
-    for _ in cfg.seeds:
+    for seed in cfg.seeds:
         if "multitask" in arms:
             windows = pc.tasks_per_batch * (pc.inner_steps * pc.batch_size + pc.query_batch_size)
             batch = pc.tasks_per_batch * pc.batch_size
@@ -584,6 +840,12 @@ def _phase_plan(cfg: BenchConfig, arms: Sequence[str], heldout: Sequence[str], *
             if arm in arms:
                 windows = pc.tasks_per_batch * (max(pc.inner_steps, 1) * pc.batch_size + pc.query_batch_size)
                 plan.append(("prepare", pc.meta_steps, windows * (2 if arm in _TAMS_ARMS else 1)))
+        for _name in ([None] if cfg.lr_grid and seed == cfg.seeds[0] else []):  # the grid, on the validation domain
+            for protocol in cfg.protocols:
+                for arm in arms:
+                    if arm in _FULL_ARMS and protocol != cfg.protocols[0]:
+                        continue
+                    plan += [("finetune", ft.steps, ft.batch_size * (2 if arm in _TAMS_ARMS else 1))] * len(cfg.lr_grid)
         for _name in heldout:
             for protocol in cfg.protocols:
                 for arm in arms:
@@ -702,7 +964,52 @@ def format_table(result: dict) -> str:
                          f"{c['final_loss_arm']:>9.4f} {c['final_loss_control']:>9.4f}")
         lines.append("* matched control (same modules, trainable parameters, data and compute, trained multitask): "
                      "the headline comparison")
+    if result.get("optimal_loss"):
+        lines += ["", "optimal loss (the entropy rate of each generated held-out domain: no model can go lower): "
+                  + ", ".join(f"{n} {v:.4f}" for n, v in result["optimal_loss"].items())]
+    lines += _lr_selection_lines(result.get("lr_selection"))
+    lines += _budget_lines(result.get("by_base_budget"))
     return "\n".join(lines)
+
+
+def _lr_selection_lines(sel: Optional[dict]) -> list[str]:
+    """The table's lines about the learning-rate grid (none when it was off)."""
+    if not sel:
+        return []
+    grid = "/".join(f"x{m:g}" for m in sel["grid"])
+    lines = ["", f"learning rates chosen on the validation domain {sel['validation_domain']} "
+                 f"({sel['validation_domain_source']}); grid {grid} of each arm's configured rate, seed "
+                 f"{sel['seed']} only, lowest final validation loss (final losses in grid order; -: diverged):"]
+    for protocol, by_arm in sel["protocols"].items():
+        parts = []
+        for arm, r in by_arm.items():
+            losses = "/".join("-" if x is None else f"{x:.3f}" for x in r["final_loss"])
+            parts.append(f"{arm} x{r['chosen_multiplier']:g} ({losses})")
+        lines.append(f"  [{protocol}] " + ", ".join(parts))
+    return lines
+
+
+def _budget_lines(by: Optional[dict]) -> list[str]:
+    """The short table of the effect against the base's pretraining budget (none with one budget)."""
+    if not by:
+        return []
+    budgets = by["budgets"]
+    rows: dict[tuple, dict] = {}
+    for e in by["summary"]:
+        rows.setdefault((e["protocol"], e["arm"], e["control"]), {})[e["pretrain_steps"]] = e
+    lines = ["", "effect against the base's pretraining budget: median speed-up of each MLtD arm over its matched "
+                 "control, over every (held-out domain, seed) pair [bootstrap 95% interval over the pairs]"]
+    head = f"{'protocol':<8} {'arm':<15} {'matched control':<20}" + "".join(
+        f" {f'{b} pretrain steps':>26}" for b in budgets)
+    lines += [head, "-" * len(head)]
+    for (protocol, arm, control), by_b in rows.items():
+        cells = []
+        for b in budgets:
+            e = by_b.get(b)
+            cells.append(f" {'-':>26}" if e is None else
+                         f" {e['speedup_median']:>6.2f}x [{e['speedup_ci95'][0]:.2f}, {e['speedup_ci95'][1]:.2f}]".rjust(27))
+        lines.append(f"{protocol:<8} {arm:<15} {control:<20}" + "".join(cells))
+    return lines
 
 
 def curves_figure(result: dict):
