@@ -18,7 +18,14 @@ from .corpus import (
     load_corpus,
     machine_corpus,
 )
-from .generated import entropy_rate, markov_corpus, markov_domain, planted_corpus, planted_domain, planted_parameters
+from .generated import (
+    entropy_rate,
+    markov_corpus,
+    markov_domain,
+    planted_corpus,
+    planted_domain,
+    planted_parameters,
+)
 from .sampling import DomainSplits, TaskBatch, TaskSampler, eval_windows, random_windows, step_generator
 from .tokenize import ByteTokenizer, HFTokenizer, load_tokenizer
 
