@@ -265,7 +265,7 @@ def run(call: TarpCall) -> Tensor:
     # no per-task factor left (rank 0, no P): every row runs the same weights; per-task gates are
     # read per row below with the real task_index
     kernel_task_index = call.task_index if (U is not None or P is not None) else None
-    w = call.weight
+    w = call.weight.contiguous()  # a Conv1D layer's transposed view: the kernels read unit-stride rows
     if P is not None:
         w = triton_scale_weight(w, P, call.Q, call.scale_offset)
     g = _row_gate(call, "gate")

@@ -105,9 +105,11 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 class TarpCall:
     """One validated `tarp_linear` call, normalized once for every backend.
 
-    Tensors: ``x [M, K]`` (``x [..., K]`` flattened), ``weight``, ``bias`` and the factors
-    contiguous, ``task_index [M]`` contiguous int64, ``residual [M, N]`` contiguous; each ``None``
-    when not given. ``gate`` / ``skip_gate`` are kept as given (``None``, a Python number or a
+    Tensors: ``x [M, K]`` (``x [..., K]`` flattened), ``bias`` and the factors contiguous,
+    ``task_index [M]`` contiguous int64, ``residual [M, N]`` contiguous; each ``None`` when not
+    given. ``weight`` is kept as given: a GPT-2 ``Conv1D`` layer passes a transposed view of its
+    ``[in, out]`` parameter, which the reference and the native op read as it is (no ``[N, K]``
+    copy per call); the Triton path makes it contiguous. ``gate`` / ``skip_gate`` are kept as given (``None``, a Python number or a
     tensor; their kinds are in ``spec``): :meth:`gate_rows` reads them per row in the dtype a
     backend computes in, and the native op takes them as they are.
 
@@ -442,7 +444,7 @@ def check_tarp_args(
         out_shape=out_shape, dtype=x.dtype, device=x.device,
     )
     return TarpCall(
-        spec=spec, x=(x if x.dim() == 2 else x.reshape(M, K)).contiguous(), weight=weight.contiguous(),
+        spec=spec, x=(x if x.dim() == 2 else x.reshape(M, K)).contiguous(), weight=weight,
         bias=_contiguous(bias),
         U=_contiguous(U), V=_contiguous(V), G=_contiguous(G), P=_contiguous(P), Q=_contiguous(Q),
         task_index=_contiguous(task_index), gate=gate, skip_gate=skip_gate,
