@@ -221,6 +221,22 @@ def median_seconds(fn: Callable[[], object], min_time: float = 0.2, max_reps: in
     return statistics.median(times)
 
 
+def interleaved_medians(fns: list[Callable[[], object]], min_time: float = 0.5, min_reps: int = 5,
+                        max_reps: int = 40) -> list[float]:
+    """Median wall time of each ``fn`` (each synchronizes the device itself), timed in alternation in
+    one run after one warm-up call each, so drift on a shared machine hits every ``fn`` alike."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_reps or (time.perf_counter() - start < min_time and len(times[0]) < max_reps):
+        for t, fn in zip(times, fns):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def ratio_table(rows: list[dict]) -> list[str]:
     """The run's ``tarp_linear`` times over ``F.linear`` as text lines, one per (shape, mode).
 

@@ -20,14 +20,13 @@ LoRA-shaped).
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 peft = pytest.importorskip("peft")
+from harness import interleaved_medians  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from tarp_fast.peft import TarpConfig  # noqa: E402
@@ -63,19 +62,6 @@ def _with_adapters(make_config):
             if ".tarp_" in n or ".lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model
-
-
-def _interleaved_medians(fns, min_time=1.0, max_reps=30):
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < 3 or (time.perf_counter() - start < min_time and len(times[0]) < max_reps):
-        for t, fn in zip(times, fns):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 @pytest.mark.parametrize("variant", ["dynamic", "bilinear"])
@@ -125,7 +111,7 @@ def test_mixed_adapter_batch(benchmark, variant, mode):
             return step(lora, ids, adapter_names=names)
 
         fns.append(lora_mixed)
-    medians = _interleaved_medians(fns)
+    medians = interleaved_medians(fns, min_time=1.0, min_reps=3, max_reps=30)
     info = {"tarp_mixed_median_ms": medians[0] * 1e3, "tarp_separate_median_ms": medians[1] * 1e3,
             "mixed_over_separate_calls_ratio": round(medians[0] / medians[1], 4)}
     if not train:

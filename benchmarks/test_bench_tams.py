@@ -15,13 +15,11 @@ Shapes: CPU ``D = 512`` (FFN 2048), 8 x 64 tokens; CUDA ``D = 1024`` (FFN 4096),
 from __future__ import annotations
 
 import os
-import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import bench_device, bench_dtype, synchronize
+from harness import bench_device, bench_dtype, interleaved_medians, synchronize
 from transformers import GPT2Config, GPT2Model
 
 import tarp_fast
@@ -67,19 +65,6 @@ def _sizes(device):
         return dict(D=1024, B=16, S=256)
     return dict(D=512, B=8, S=64)
 
-
-def _interleaved_medians(fns, min_time=0.5, max_reps=40):
-    """Median seconds of each ``fn`` (each synchronizes itself), timed in alternation."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < 5 or (time.perf_counter() - start < min_time and len(times[0]) < max_reps):
-        for t, fn in zip(times, fns):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
 
 
 def _tol(dtype):
@@ -138,7 +123,7 @@ def test_cell_cost(benchmark, arch_name):
     benchmark(run)
     if getattr(benchmark, "disabled", False):
         return
-    mine, base = _interleaved_medians([run, runner(CELL_ARCHS["all_linear"])])
+    mine, base = interleaved_medians([run, runner(CELL_ARCHS["all_linear"])])
     benchmark.extra_info.update(median_ms=mine * 1e3, all_linear_median_ms=base * 1e3,
                                 ratio_to_all_linear=round(mine / base, 4))
     if arch_name in CELL_ARCHS:
@@ -204,7 +189,7 @@ def test_ffn_half_rows_gated(benchmark, patched):
     benchmark(gated)
     if getattr(benchmark, "disabled", False):
         return
-    mine, base = _interleaved_medians([gated, full])
+    mine, base = interleaved_medians([gated, full])
     benchmark.extra_info.update(median_ms=mine * 1e3, ungated_median_ms=base * 1e3,
                                 ratio_to_ungated=round(mine / base, 4), goal_ratio_to_ungated=0.55)
 
@@ -245,6 +230,6 @@ def test_block_with_skipped_sublayers(benchmark, case):
     benchmark(gated)
     if getattr(benchmark, "disabled", False):
         return
-    mine, base = _interleaved_medians([gated, full])
+    mine, base = interleaved_medians([gated, full])
     benchmark.extra_info.update(median_ms=mine * 1e3, full_median_ms=base * 1e3,
                                 ratio_to_full=round(mine / base, 4))

@@ -39,7 +39,6 @@ never reached = budget + 1) with its interval.
 from __future__ import annotations
 
 import copy
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Optional
@@ -52,7 +51,7 @@ from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler
 from ..nn.linear import KRONECKER_N, TARPLinear, kronecker_factor_shapes
 from ..patch import tarp_layers
-from .bench import BenchConfig, _dedup_eval, _seed_init, kronecker_batches, pretrained_base
+from .bench import BenchConfig, _dedup_eval, _seed_init, pretrained_base, save_figure
 from .finetune import finetune
 from .models import count_parameters
 from .prepare import PrepConfig, prepare
@@ -197,8 +196,7 @@ def run_ablation(corpus: Corpus, heldout: Sequence[str], cfg: BenchConfig, *, ro
                     torch.manual_seed(_seed_init(cfg, seed, 1))
                     patch_model(m, rank=ranks[key]["rank"], variant=variant, scale_weight=sw)
                 if pc.meta_steps:
-                    seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed,
-                                             "batched": pc.batched and kronecker_batches(variant)})
+                    seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed})
                     sampler = TaskSampler(prep_corpus, tasks_per_batch=pc.tasks_per_batch,
                                           inner_steps=max(pc.inner_steps, 1), batch_size=pc.batch_size,
                                           query_batch_size=pc.query_batch_size, seq_len=pc.seq_len, seed=seed_cfg.seed)
@@ -300,9 +298,4 @@ def plot_ablation(result: dict, path: str) -> str:
         ax.set_title(f"held-out: {name}; mean of {len(result['seeds'])} seeds, 95% bootstrap interval", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -110,7 +110,6 @@ from .. import mark_only_tarp_trainable, patch_model, tarp_parameters
 from .._io import atomic_write_bytes
 from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler, dedup_eval_windows, random_windows, step_generator
-from ..nn.linear import TARPLinear
 from .finetune import FinetuneRecipe, NonFiniteLossError, RunProgress, finetune, train_lm
 from .models import check_vocab, count_parameters, small_gpt2
 from .prepare import PrepConfig, prepare
@@ -245,12 +244,6 @@ def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> Optional
             return int(step)
     return None
 
-
-def kronecker_batches(variant: str) -> bool:
-    """Whether batched preparation (stacked per-task factors) runs for ``variant``: the Kronecker
-    layer needs per-task weights (``TARPLinear._kronecker_per_task``); without them the
-    preparation runs the reference loop over tasks (``PrepConfig.batched=False``, same result)."""
-    return variant != "kronecker" or hasattr(TARPLinear, "_kronecker_per_task")
 
 
 class _TrainOnce(DomainSplits):
@@ -721,8 +714,7 @@ def _run_budget(
             m = _adapter_model(base, cfg, seed)
             if with_tams:
                 _add_tams(m, cfg, seed)
-            seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed,
-                                     "batched": pc.batched and kronecker_batches(cfg.variant)})
+            seed_cfg = PrepConfig(**{**pc.to_dict(), "seed": pc.seed + seed})
             # the matched control draws the very task batches of its MLtD arm (same sampler and seed)
             sampler = TaskSampler(prep_corpus, tasks_per_batch=pc.tasks_per_batch, inner_steps=max(pc.inner_steps, 1),
                                   batch_size=pc.batch_size, query_batch_size=pc.query_batch_size, seq_len=pc.seq_len,
@@ -1062,8 +1054,12 @@ def curves_figure(result: dict):
 
 def plot_curves(result: dict, path: str) -> str:
     """PNG of loss against fine-tuning steps (:func:`curves_figure`; matplotlib, Agg)."""
-    fig = curves_figure(result)
-    import matplotlib.pyplot as plt  # noqa: PLC0415  (after curves_figure chose the Agg backend)
+    return save_figure(curves_figure(result), path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Write ``fig`` to the PNG ``path`` atomically (a temporary file renamed over it) and close it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415  (after the figure's module chose the Agg backend)
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
