@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -235,26 +236,21 @@ def _gate_kind(name: str, g: GateLike, x: torch.Tensor, M: int, T: int, multi: b
     raise ValueError(f"tarp_linear: argument '{name}' must be {expected}, got {_shape(g)}")
 
 
-def check_tarp_args(
-    x,
-    weight,
-    bias=None,
-    U=None,
-    V=None,
-    G=None,
-    P=None,
-    Q=None,
-    *,
-    scaling=1.0,
-    scale_offset=DEFAULT_SCALE_OFFSET,
-    task_index=None,
-    gate=None,
-    skip_gate=None,
-    residual=None,
-    activation="none",
-    hard_skip=False,
-) -> TarpCall:
+#: The keyword options of ``tarp_linear`` and their defaults, in signature order. The public
+#: signatures (:func:`tarp_fast.ops.tarp_linear`, :func:`tarp_fast.reference.tarp_linear`) spell
+#: them out for readers and IDEs; every internal caller passes them through :func:`check_tarp_args`
+#: as keywords (tests/test_contract.py checks that both signatures match this table).
+OPTION_DEFAULTS = MappingProxyType(dict(
+    scaling=1.0, scale_offset=DEFAULT_SCALE_OFFSET, task_index=None, gate=None, skip_gate=None,
+    residual=None, activation="none", hard_skip=False,
+))
+
+
+def check_tarp_args(x, weight, bias=None, U=None, V=None, G=None, P=None, Q=None, **options) -> TarpCall:
     """Validate a `tarp_linear` call and return it as a :class:`TarpCall` (sizes in ``call.spec``).
+
+    ``options`` are the keyword options of :data:`OPTION_DEFAULTS` (``scaling`` ... ``hard_skip``);
+    an unknown keyword raises ``TypeError`` as an unknown keyword of a Python function does.
 
     Raises ``TypeError`` for wrong types/dtypes, ``ValueError`` for wrong shapes or values and
     ``RuntimeError`` for device mismatches. Task indices are not range-checked here (that needs a
@@ -274,6 +270,12 @@ def check_tarp_args(
     the factors' gradients are (empty) zeros. ``K = 0``, ``N = 0`` and ``M = 0`` are valid too:
     with ``K = 0`` the output is ``act(bias)`` (gated, plus skip and residual).
     """
+    unknown = sorted(options.keys() - OPTION_DEFAULTS.keys())
+    if unknown:
+        raise TypeError(f"tarp_linear() got an unexpected keyword argument {unknown[0]!r}; "
+                        f"the options are {', '.join(OPTION_DEFAULTS)}")
+    options = {**OPTION_DEFAULTS, **options}
+    scaling, scale_offset, task_index, gate, skip_gate, residual, activation, hard_skip = options.values()
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tarp_linear: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():

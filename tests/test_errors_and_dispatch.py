@@ -97,6 +97,32 @@ def test_errors_survive_python_O():
     assert out.stdout.startswith("OK") and "'x'" in out.stdout
 
 
+def test_public_signatures_match_the_option_table():
+    """The two public signatures spell out the options that `check_tarp_args` reads from one
+    table: same names, order and defaults (`backend` is the dispatch's own)."""
+    import inspect
+
+    from tarp_fast import reference
+    from tarp_fast._contract import OPTION_DEFAULTS
+
+    for fn in (ops.tarp_linear, reference.tarp_linear):
+        params = inspect.signature(fn).parameters.values()
+        keywords = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "backend"}
+        assert list(keywords.items()) == list(OPTION_DEFAULTS.items()), fn.__module__
+        positional = [p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]
+        assert positional == ["x", "weight", "bias", "U", "V", "G", "P", "Q"], fn.__module__
+
+
+def test_unknown_keyword_is_a_type_error_naming_it():
+    from tarp_fast._contract import check_tarp_args
+    from tarp_fast.kernels import tarp_linear_triton
+
+    p = _base()
+    for fn in (check_tarp_args, tarp_linear_triton):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'scailing'"):
+            fn(*p.args(), scailing=0.5)
+
+
 def test_backend_argument_and_unavailable_backends():
     p = _base()
     with pytest.raises(ValueError, match="'backend' must be one of"):
