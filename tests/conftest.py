@@ -1,4 +1,4 @@
-"""Shared fixtures: per-test seeding, a private cache, and the oracle of ``tests/oracle.py``
+"""Shared fixtures: per-test seeding, a private cache, and the oracle of ``tarp_fast.testing``
 (random tarp_linear problems, the float64 closeness rule) under its old names.
 
 Nothing here touches ``torch.cuda`` at import time.
@@ -13,7 +13,8 @@ import zlib
 
 import pytest
 import torch
-from oracle import Problem, make_problem, rel_err  # noqa: F401  (re-exported for the tests)
+
+from tarp_fast.testing import Problem, make_problem, rel_err  # noqa: F401  (re-exported for the tests)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -59,6 +60,6 @@ def problem_factory():
     return make_problem
 
 
-#: the relative error of every tier (``tests/oracle.py``): max |a - ref| / max(|ref|_inf, 1) in
+#: the relative error of every tier (``tarp_fast.testing``): max |a - ref| / max(|ref|_inf, 1) in
 #: float64, inf where ``a`` has a NaN or inf that ``ref`` has not
 max_rel_err = rel_err

@@ -13,12 +13,12 @@ Every call goes through the public ``tarp_fast.ops.tarp_linear(..., backend=...)
 validates in Python before it dispatches. Error cases check the exception type and that the
 message names the wrong argument (``'weight'`` ...). Value cases compare the output and every
 gradient with ``tarp_fast.reference.tarp_linear`` in float64 on the same (rounded) values in a
-plain layout, by the rule of ``tests/oracle.py`` (every tier's): at most 2x the error of eager
+plain layout, by the rule of ``tarp_fast.testing`` (every tier's): at most 2x the error of eager
 PyTorch at the same precision plus a floor per dtype. Buffers a kernel forgets to write are
 caught: CPU runs under ``torch.use_deterministic_algorithms(True)`` (fresh ``empty`` tensors hold
 NaN) and the Triton backend under ``poison_outputs()``.
 
-Inputs come from ``oracle.make_problem`` and ``torch.Generator``s seeded per case, so a case's
+Inputs come from ``tarp_fast.testing.make_problem`` and ``torch.Generator``s seeded per case, so a case's
 inputs do not depend on which tests ran before it.
 """
 
@@ -30,11 +30,11 @@ import zlib
 
 import pytest
 import torch
-from oracle import make_problem, tolerance
-from oracle import rel_err as max_rel_err
 
 import tarp_fast
 from tarp_fast import ops, reference
+from tarp_fast.testing import make_problem, tolerance
+from tarp_fast.testing import rel_err as max_rel_err
 
 ARG_NAMES = ("x", "weight", "bias", "U", "V", "G", "P", "Q")
 KW_TENSORS = ("gate", "skip_gate", "residual")

@@ -114,8 +114,9 @@ def test_public_signatures_match_the_option_table():
 
 
 def test_unknown_keyword_is_a_type_error_naming_it():
-    from tarp_fast._contract import check_tarp_args
     from tarp_fast.kernels import tarp_linear_triton
+
+    from tarp_fast._contract import check_tarp_args
 
     p = _base()
     for fn in (check_tarp_args, tarp_linear_triton):

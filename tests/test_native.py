@@ -18,10 +18,10 @@ import textwrap
 import pytest
 import torch
 from conftest import make_problem, max_rel_err
-from oracle import compare
 
 import tarp_fast
 from tarp_fast import ops, reference
+from tarp_fast.testing import compare
 
 pytestmark = pytest.mark.native
 
@@ -70,7 +70,7 @@ def _describe(**flags):
 
 
 def _compare(p, *, what):
-    """Native vs the float64 reference on problem p, by the oracle's rule (tests/oracle.py)."""
+    """Native vs the float64 reference on problem p, by the oracle's rule (tarp_fast.testing)."""
     compare(native, p, p.x.dtype, what=what)
 
 

@@ -1,7 +1,7 @@
 """GPU tier of the Triton backend: runs wherever a CUDA GPU is present (``pytest -m gpu``).
 
 bf16 / fp16 / fp32 (with and without TF32) against the float64 reference by the rule of
-``tests/oracle.py`` (error at most 2x eager's at the same precision, NaN-poisoned outputs), both designs
+``tarp_fast.testing`` (error at most 2x eager's at the same precision, NaN-poisoned outputs), both designs
 of the backward's dx pass, LLM shapes, ``torch.library.opcheck``, bitwise determinism over
 repeated runs, ``torch.compile(fullgraph=True)`` of a ``TARPLinear`` forward and backward, and
 CUDA-graph capture (the op never syncs with the host). The cheap, most telling checks come first
@@ -29,7 +29,8 @@ import os
 
 import pytest
 import torch
-from oracle import ARG_NAMES, Problem, assert_close, compare, make_problem
+
+from tarp_fast.testing import ARG_NAMES, Problem, assert_close, compare, make_problem
 
 pytestmark = pytest.mark.gpu
 
@@ -128,7 +129,7 @@ def tf32_off():
 
 
 def _case(dev, M, K, N, r, T, q, *, seed=0, gate=True, skip=True, hard_skip=False, activation="gelu_tanh"):
-    """``(args, keywords)`` of one call in float64 on ``dev`` from :func:`oracle.make_problem`
+    """``(args, keywords)`` of one call in float64 on ``dev`` from :func:`tarp_fast.testing.make_problem`
     (residual always; a per-row gate with zero rows and a per-row skip gate unless turned off)."""
     p = make_problem(M, K, N, r, q, T, scale=bool(q), gate="zero_rows" if gate else None,
                      skip_gate="row" if skip else None, residual=True, activation=activation,
@@ -138,7 +139,7 @@ def _case(dev, M, K, N, r, T, q, *, seed=0, gate=True, skip=True, hard_skip=Fals
 
 
 def _compare(a, kw, dtype, grads=True):
-    """The kernels against the float64 reference by the oracle's rule (tests/oracle.py)."""
+    """The kernels against the float64 reference by the oracle's rule (tarp_fast.testing)."""
     from tarp_fast.kernels import poison_outputs, tarp_linear_triton
 
     p = Problem(*(a[n] for n in ARG_NAMES), kw=dict(kw, residual=a["residual"]))

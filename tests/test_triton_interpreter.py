@@ -2,7 +2,7 @@
 
 Run with ``TRITON_INTERPRET=1 pytest -m interpreter tests/test_triton_interpreter.py`` (the
 variable must be set before Python starts). Cases and the comparison with the float64 reference
-come from ``tests/oracle.py`` (error at most 2x eager's at the same precision, outputs allocated
+come from ``tarp_fast.testing`` (error at most 2x eager's at the same precision, outputs allocated
 NaN-filled by ``poison_outputs``). Shapes are small: the interpreter is slow.
 """
 
@@ -23,7 +23,6 @@ pytestmark = [
 
 pytest.importorskip("triton")  # the kernels need Triton (Linux x86-64); importing them runs nothing
 
-from oracle import ARG_NAMES, Problem, compare, make_problem  # noqa: E402
 from tarp_fast.kernels import (  # noqa: E402
     CANDIDATES,
     KernelConfig,
@@ -37,15 +36,16 @@ from tarp_fast.kernels import (  # noqa: E402
 from tarp_fast.kernels._custom_ops import triton_tarp_fwd  # noqa: E402
 
 from tarp_fast import ops, reference  # noqa: E402
+from tarp_fast.testing import ARG_NAMES, Problem, compare, make_problem  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
-# cases (tests/oracle.py builds them; here as dicts of arguments and keywords)
+# cases (tarp_fast.testing builds them; here as dicts of arguments and keywords)
 # ----------------------------------------------------------------------------------------------
 def make_case(*, M, K, N, r=4, q=0, T=None, variant="dynamic", bias=True, gate=None, skip=None,
               residual=False, activation="none", hard_skip=False, scaling=1.0, scale_offset=None, seed=0):
-    """Inputs of one call in float64 (cast per test), from :func:`oracle.make_problem`.
-    ``gate``/``skip``: a kind of :data:`oracle.GATES`; ``variant``: dynamic | bilinear | none."""
+    """Inputs of one call in float64 (cast per test), from :func:`tarp_fast.testing.make_problem`.
+    ``gate``/``skip``: a kind of :data:`tarp_fast.testing.GATES`; ``variant``: dynamic | bilinear | none."""
     p = make_problem(M, K, N, r, q, T, bias=bias, delta=variant != "none", dynamic=variant == "dynamic",
                      scale=bool(q), gate=gate, skip_gate=skip, residual=residual, activation=activation,
                      hard_skip=hard_skip, scaling=scaling, scale_offset=scale_offset, seed=seed)
@@ -80,7 +80,7 @@ def leaves(args, kws):
 
 
 def check_case(a, kw, dtype, *, grads=True):
-    """Triton vs the float64 reference by the oracle's rule (tests/oracle.py), outputs poisoned."""
+    """Triton vs the float64 reference by the oracle's rule (tarp_fast.testing), outputs poisoned."""
     return compare(tarp_linear_triton, _as_problem(a, kw), dtype, grads=grads, poison=poison_outputs)
 
 

@@ -1,4 +1,5 @@
-"""The test oracle of every tier: one case builder, one gate vocabulary, one closeness rule.
+"""The oracle of every test tier and benchmark check: one case builder, one gate vocabulary, one
+closeness rule (like ``torch.testing``: shipped, so a new backend can be checked the same way).
 
 Rule: a backend's error is at most 2x the error of eager PyTorch (the reference run at the same
 precision), plus a floor per dtype, both measured against the float64 reference on the same
