@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -85,16 +85,37 @@ class Problem:
                 named[k] = self.kw[k]
         return {k: v for k, v in named.items() if v is not None}
 
-    def to(self, dtype, *, requires_grad: Optional[bool] = None):
+    def to(self, dtype, *, requires_grad: Union[bool, Collection[str], None] = None):
         """Same problem in another dtype (float tensors only; task_index stays int64), as fresh
-        leaves (requiring grad when ``requires_grad``)."""
-        def cast(t):
+        leaves: every float tensor requires grad when ``requires_grad`` is True, the named ones
+        (argument names, e.g. ``("x", "U")``) when it is a collection."""
+        def cast(name, t):
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                 return t
             t = t.detach().to(dtype)
-            return t.requires_grad_(True) if requires_grad else t
+            wanted = requires_grad is True or (not isinstance(requires_grad, bool) and requires_grad is not None
+                                               and name in requires_grad)
+            return t.requires_grad_(True) if wanted else t
 
-        return Problem(*(cast(t) for t in self.args()), kw={k: cast(v) for k, v in self.kw.items()})
+        return Problem(*(cast(n, t) for n, t in zip(ARG_NAMES, self.args())),
+                       kw={k: cast(k, v) for k, v in self.kw.items()})
+
+    def rows(self, m: int) -> Problem:
+        """The first ``m`` rows of a problem with a 2-D ``x``: ``x``, ``task_index``, ``residual``
+        and per-row ``[M]`` gates sliced; the factors and per-task ``[T]`` gates shared (a 1-D gate
+        of length ``T`` is per task when ``task_index`` is given, as in ``tarp_fast._contract``)."""
+        M = self.x.shape[0]
+        multi = "task_index" in self.kw
+        T = next((t.shape[0] for t in self.args()[3:] if t is not None and t.dim() == 3), None)
+
+        def head(k, v):
+            if not isinstance(v, torch.Tensor) or v.dim() == 0:
+                return v
+            if k in ("gate", "skip_gate") and (v.shape[0] != M or (multi and v.shape[0] == T)):
+                return v
+            return v[:m]
+
+        return Problem(self.x[:m], *self.args()[1:], kw={k: head(k, v) for k, v in self.kw.items()})
 
     def call(self, fn: Callable):
         return fn(*self.args(), **self.kw)
@@ -182,31 +203,52 @@ def outputs_and_grads(fn: Callable, p: Problem, dy: Optional[torch.Tensor]):
     return y, dict(zip(leaves, grads))
 
 
-def compare(fn: Callable, p: Problem, dtype: torch.dtype, *, grads: bool = True,
-            poison: Callable = contextlib.nullcontext, check: bool = True, what: str = "") -> list:
-    """``fn`` (a ``tarp_linear``-like callable) at ``dtype`` against the float64 reference, with
-    eager PyTorch (the reference at ``dtype``) setting the bar: the output and, with ``grads``,
-    the gradient of every tensor input. The inputs are first rounded to ``dtype``, so the
-    comparison measures the computation, not the rounding of the inputs. ``fn`` runs inside
-    ``poison()`` (e.g. ``tarp_fast.kernels.poison_outputs``). ``check=False`` only runs ``fn``
-    (a capture, where results are garbage); ``what`` prefixes the messages. Returns the report lines."""
+def against_float64(fn: Callable, p: Problem, dtype: torch.dtype, *, grads: bool = True,
+                    wrt: Optional[Collection[str]] = None, poison: Callable = contextlib.nullcontext,
+                    fn_only: bool = False) -> dict:
+    """``fn`` (a ``tarp_linear``-like callable) at ``dtype``, the float64 reference and eager PyTorch
+    (the reference at ``dtype``), all three on ``p``'s inputs first rounded to ``dtype`` (so the
+    comparison measures the computation, not the rounding of the inputs); ``fn`` runs inside
+    ``poison()`` (e.g. ``tarp_fast.kernels.poison_outputs``).
+
+    Returns ``{name: (got, ref, eager)}`` for the output ``"y"`` and, with ``grads``, ``"grad <input>"``
+    for each tensor input named in ``wrt`` (default: every one), for one fixed ``dy``. ``fn_only``
+    runs ``fn`` alone, as the comparison would, and returns ``{}`` (a capture of its launches).
+    """
     from tarp_fast import reference
 
     rounded = p.to(dtype).to(torch.float64)
-    N = p.weight.shape[0]
+    leaves = (True if wrt is None else tuple(wrt)) if grads else False
     dy = None
-    if grads:
-        dy = torch.randn(*p.x.shape[:-1], N, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-        dy = dy.to(p.x.device)
-    with poison():
-        y, g = outputs_and_grads(fn, rounded.to(dtype, requires_grad=grads), dy)
+    if grads:  # float64 from a fixed seed, on p's device
+        gen = torch.Generator().manual_seed(123)
+        dy = torch.randn(*p.x.shape[:-1], p.weight.shape[0], generator=gen, dtype=torch.float64).to(p.x.device)
+
+    def run(f, at, scope=contextlib.nullcontext):
+        with scope():
+            return outputs_and_grads(f, rounded.to(at, requires_grad=leaves), dy)
+
+    y, g = run(fn, dtype, poison)
+    if fn_only:
+        return {}
+    y64, g64 = run(reference.tarp_linear, torch.float64)
+    ye, ge = run(reference.tarp_linear, dtype)
+    out = {"y": (y, y64, ye)}
+    out.update({f"grad {name}": (g.get(name), ref, ge.get(name)) for name, ref in g64.items()})
+    return out
+
+
+def compare(fn: Callable, p: Problem, dtype: torch.dtype, *, grads: bool = True,
+            wrt: Optional[Collection[str]] = None, poison: Callable = contextlib.nullcontext,
+            check: bool = True, what: str = "") -> list:
+    """Assert the rule on :func:`against_float64`'s results: the output and, with ``grads``, the
+    gradient of every input in ``wrt`` (default: every tensor input). ``check=False`` only runs
+    ``fn`` as the comparison would (a capture, where results are garbage); ``what`` prefixes the
+    messages. Returns the report lines."""
+    results = against_float64(fn, p, dtype, grads=grads, wrt=wrt, poison=poison, fn_only=not check)
     if not check:
         return []
-    y64, g64 = outputs_and_grads(reference.tarp_linear, rounded.to(torch.float64, requires_grad=grads), dy)
-    ye, ge = outputs_and_grads(reference.tarp_linear, rounded.to(dtype, requires_grad=grads), dy)
+    y, y64, _ = results["y"]
     assert y.dtype == dtype and y.shape == y64.shape, (y.dtype, y.shape, y64.shape)
     pre = f"{what}: " if what else ""
-    report = [assert_close(y, y64, ye, dtype=dtype, what=pre + "y")]
-    for name, ref in g64.items():
-        report.append(assert_close(g.get(name), ref, ge.get(name), dtype=dtype, what=f"{pre}grad {name}"))
-    return report
+    return [assert_close(got, ref, eager, dtype=dtype, what=pre + name) for name, (got, ref, eager) in results.items()]
