@@ -7,7 +7,10 @@ user's brief names it); the summary ends with the table of ``tarp_linear`` times
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from harness import ratio_table
 
 
@@ -24,6 +27,23 @@ def pytest_configure(config):
     if config.getoption("benchmark", default=False):
         config.option.benchmark_only = True
         config.option.benchmark_disable = False
+
+
+@pytest.fixture(autouse=True)
+def bench_threads(request):
+    """CPU intra-op threads of every benchmark: ``TARP_BENCH_THREADS`` (default: torch's), recorded
+    with the row as ``cpu_threads``.
+
+    Why: on a shared machine OpenMP threads that spin while other processes hold the cores make
+    small ops erratic (seen: one cell 1 ms in one row, 160 ms in the next); ``=1`` is stable.
+    """
+    before = torch.get_num_threads()
+    want = int(os.environ.get("TARP_BENCH_THREADS", "0") or 0) or before
+    torch.set_num_threads(want)
+    if "benchmark" in request.fixturenames:
+        request.getfixturevalue("benchmark").extra_info["cpu_threads"] = want
+    yield
+    torch.set_num_threads(before)
 
 
 def _tarp_linear_rows(benchmarks) -> list[dict]:

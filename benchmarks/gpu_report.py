@@ -16,13 +16,13 @@ run. Sections, most valuable first (``--sections`` picks some):
    unskipped forward;
 4. ``tasks``: 8 tasks in one batch (``task_index``) against one task, same rows;
 5. ``precision``: bf16, fp16, fp32 with TF32 and exact fp32: the max error of ``y`` and of every
-   gradient against float64, next to eager PyTorch's in the same dtype;
+   gradient against float64 (relative to ``max(|ref|, 1)``), next to eager PyTorch's in the same dtype;
 6. ``schedule``: the row schedule alone (sort + tile table), Triton kernels vs torch ops (and the
    extension's CUDA helpers where built), as a fraction of the unskipped forward.
 
 Every timed configuration is first checked against float64 at ``--check-M`` rows (256) of the
 same K, N, r (the float64 reference of the full M would take longer than the run): the rule of
-the tests (kernel error <= 2x eager's in the same dtype + a floor). A failed check, or an error
+the tests, from :mod:`tarp_fast.testing` (kernel error <= 2x eager's in the same dtype + a floor). A failed check, or an error
 (out of memory, a compile failure), marks that row failed and the report goes on. The JSON and
 the Markdown file (``<out>/<name>.json`` / ``.md``) are rewritten after every row, so a run cut
 short keeps every figure measured so far; each goal of the issue is printed met or missed.
@@ -58,11 +58,10 @@ try:
     import tarp_fast  # noqa: F401  (installed: use it)
 except ImportError:  # run from a checkout without `pip install`: import the tree beside this file
     sys.path.insert(0, os.path.dirname(HERE))
+from tarp_fast.testing import ARG_NAMES, Problem, against_float64, make_problem, rel_err, tolerance  # noqa: E402
 
 SECTIONS = ("providers", "dx", "hard_skip", "tasks", "precision", "schedule")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-FLOOR = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 2e-5}
-GRAD_NAMES = ("x", "U", "V", "G")
 
 
 def _flop_floor(M, K, N, r):
@@ -142,28 +141,15 @@ class Report:
 # inputs, providers, checks
 # ----------------------------------------------------------------------------------------------
 def _inputs(M, K, N, r, dtype, dev, T=None, seed=0, empty=False):
-    lead = (T,) if T else ()
+    """The tensors of one plain call by name (``x``, ``weight``, ``bias``, ``U``, ``V``, ``G``; the
+    factors with a leading ``T`` when ``T``), drawn by the tests' case builder
+    (:func:`tarp_fast.testing.make_problem`)."""
     if empty:  # --precompile: values are never read (launches are recorded, not run)
+        lead = (T,) if T else ()
         e = lambda *s: torch.empty(*s, dtype=dtype, device=dev)  # noqa: E731
         return dict(x=e(M, K), weight=e(N, K), bias=e(N), U=e(*lead, N, r), V=e(*lead, r, K), G=e(*lead, r * r, K))
-    g = torch.Generator(device=dev).manual_seed(seed)
-    return dict(
-        x=torch.randn(M, K, device=dev, generator=g).to(dtype),
-        weight=(torch.randn(N, K, device=dev, generator=g) / math.sqrt(K)).to(dtype),
-        bias=(torch.randn(N, device=dev, generator=g) * 0.1).to(dtype),
-        U=(torch.randn(*lead, N, r, device=dev, generator=g) * 0.1).to(dtype),
-        V=(torch.randn(*lead, r, K, device=dev, generator=g) / math.sqrt(K)).to(dtype),
-        G=(torch.randn(*lead, r * r, K, device=dev, generator=g) / math.sqrt(K * r)).to(dtype),
-    )
-
-
-def _rows(inp, kw, m):
-    """The first ``m`` rows of a problem (x and every per-row keyword)."""
-    M = inp["x"].shape[0]
-    sl = dict(inp, x=inp["x"][:m])
-    kw1 = {k: (v[:m] if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == M else v)
-           for k, v in kw.items()}
-    return sl, kw1
+    p = make_problem(M, K, N, r, T=T or 1, scale=False, dtype=dtype, seed=seed, device=dev)
+    return {name: t for name, t in zip(ARG_NAMES, p.args()) if t is not None}
 
 
 def _lora(inp):
@@ -228,54 +214,28 @@ def _step(provider, inp, mode, kw=None, dy=None):
     return name, (lambda: torch.autograd.grad(fwd(), params, dy))
 
 
-def _grads(fn, args, kw, dy):
-    """``{"y": y, "x": dx, "U": dU, ...}`` of ``fn`` (frozen base)."""
-    x, W, b, U, V, G = args
-    leaves = [t.detach().requires_grad_() for t in (x, U, V, G)]
-    y = fn(leaves[0], W, b, *leaves[1:], **kw)
-    gs = torch.autograd.grad(y, leaves, dy.to(y.dtype), allow_unused=True)
-    out = {"y": y.detach()}
-    out.update({n: g for n, g in zip(GRAD_NAMES, gs) if g is not None})
-    return out
-
-
 def _check(ctx, inp, kw=None, grads=True):
-    """Triton against float64 at ``ctx.check_M`` rows, eager PyTorch in the same dtype setting the
-    bar: ``{"ok", "worst", "errors": {name: [kernel, eager, tol]}}``. Under --precompile the triton
-    call only (its launches are what is recorded)."""
+    """Triton against float64 at the first ``ctx.check_M`` rows by the tests' rule
+    (:func:`tarp_fast.testing.against_float64`: kernel error <= 2x eager's in the same dtype + a
+    floor, errors relative to ``max(|ref|, 1)``), gradients of the adapted inputs (x, U, V, G):
+    ``{"ok", "worst", "errors": {name: [kernel, eager, tol]}}``. Under --precompile the triton call
+    only (its launches are what is recorded)."""
     from tarp_fast.kernels import tarp_linear_triton
 
-    from tarp_fast import reference
-
-    inp, kw = _rows(inp, kw or {}, ctx.check_M)
-    args = [inp[k] for k in ("x", "weight", "bias", "U", "V", "G")]
-    dtype = args[0].dtype
-    M, N = args[0].shape[0], args[1].shape[0]
-    dy = torch.randn(M, N, device=args[0].device, dtype=torch.float64, generator=torch.Generator(
-        device=args[0].device).manual_seed(7))
-    if not grads:
-        ker = {"y": tarp_linear_triton(*args, **kw).detach()}
-    else:
-        ker = _grads(tarp_linear_triton, args, kw, dy)
-    if ctx.plan_only:
-        return dict(ok=True, worst=None, errors={})
-    kw64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
-    a64 = [a.double() for a in args]
-    if grads:
-        ref = _grads(reference.tarp_linear, a64, kw64, dy)
-        eag = _grads(reference.tarp_linear, args, kw, dy)
-    else:
-        ref = {"y": reference.tarp_linear(*a64, **kw64)}
-        eag = {"y": reference.tarp_linear(*args, **kw).detach()}
+    p = Problem(*(inp.get(name) for name in ARG_NAMES), kw=dict(kw or {})).rows(ctx.check_M)
+    dtype = p.x.dtype
+    results = against_float64(tarp_linear_triton, p, dtype, grads=grads, wrt=("x", "U", "V", "G"),
+                              fn_only=ctx.plan_only)
     errors, ok, worst = {}, True, 0.0
-    for name, r in ref.items():
-        ek = (ker[name].double() - r).abs().max().item()
-        ee = (eag[name].double() - r).abs().max().item()
-        tol = 2 * ee + FLOOR[dtype] * max(1.0, r.abs().max().item())
+    for name, (got, ref, eager) in results.items():
+        if ref is None:  # no gradient is due
+            continue
+        ek = rel_err(got, ref) if got is not None else math.inf  # a missing gradient fails
+        ee, tol = rel_err(eager, ref), tolerance(eager, ref, dtype)
         errors[name] = [ek, ee, tol]
-        ok &= ek <= tol  # NaN fails
-        worst = max(worst, ek / tol if tol > 0 else math.inf)
-    return dict(ok=bool(ok), worst=worst, errors=errors)
+        ok &= ek <= tol
+        worst = max(worst, ek / tol)
+    return dict(ok=bool(ok), worst=worst if results else None, errors=errors)
 
 
 def _tuned_choices():
@@ -323,6 +283,18 @@ class Ctx:
 
     def inputs(self, r, T=None, seed=0, M=None):
         return _inputs(M or self.M, self.K, self.N, r, self.dtype, self.dev, T=T, seed=seed, empty=self.plan_only)
+
+    def unskipped_fwd(self, section, inp, r):
+        """The plain one-task triton forward at rank ``r`` (ms): the providers section's figure, or
+        timed here (and reported as a row of ``section``) when that section did not run; None if it failed."""
+        ms = self.full_fwd.get(r)
+        if ms is None:
+            ms = self.guarded(section, "unskipped", lambda: self.bench(_step("triton", inp, "fwd")[1]),
+                              provider="triton", mode="fwd")
+            if ms is not None:
+                self.full_fwd[r] = ms
+                self.report.row(section=section, case="unskipped", provider="triton", mode="fwd", ms=ms, ratio=1.0)
+        return ms
 
     def guarded(self, section, case, fn, *fargs, **row):
         """Run ``fn(*fargs)`` (one row's work); an exception becomes a failed row, and the report goes on."""
@@ -450,13 +422,9 @@ def section_hard_skip(ctx: Ctx):
     rep = ctx.report
     r = 16
     inp = ctx.inputs(r)
-    full = ctx.full_fwd.get(r)
+    full = ctx.unskipped_fwd("hard_skip", inp, r)
     if full is None:
-        full = ctx.guarded("hard_skip", "unskipped", lambda: ctx.bench(_step("triton", inp, "fwd")[1]),
-                           provider="triton", mode="fwd")
-        if full is None:
-            return
-        rep.row(section="hard_skip", case="unskipped", provider="triton", mode="fwd", ms=full, ratio=1.0)
+        return
     fracs = [0.5, 0.1] if ctx.args.quick else [1.0, 0.5, 0.1]
     for f in fracs:
         gate = (torch.rand(ctx.M, device=ctx.dev, generator=torch.Generator(device=ctx.dev).manual_seed(1)) < f).float()
@@ -478,12 +446,9 @@ def section_tasks(ctx: Ctx):
     rep = ctx.report
     r = 16
     inp = ctx.inputs(r)
-    one = ctx.full_fwd.get(r)
+    one = ctx.unskipped_fwd("tasks", inp, r)
     if one is None:
-        one = ctx.guarded("tasks", "1 task", lambda: ctx.bench(_step("triton", inp, "fwd")[1]), provider="triton",
-                          mode="fwd")
-        if one is None:
-            return
+        return
     inp8 = ctx.inputs(r, T=8)
     ti = torch.randint(0, 8, (ctx.M,), device=ctx.dev, generator=torch.Generator(device=ctx.dev).manual_seed(2))
     kw = dict(task_index=ti)
@@ -518,7 +483,7 @@ def section_precision(ctx: Ctx):
         chk = ctx.guarded("precision", label, run, provider="triton", mode="check")
         if chk is None:
             continue
-        rep.row(section="precision", case=label, provider="triton vs eager", mode="max |err| vs float64",
+        rep.row(section="precision", case=label, provider="triton vs eager", mode="max rel err vs float64",
                 ok=chk["ok"], checked=True, errors=chk["errors"], worst=chk["worst"],
                 note="; ".join(f"{n}: {e[0]:.2e} (eager {e[1]:.2e})" for n, e in chk["errors"].items()))
         if not ctx.plan_only:

@@ -3,7 +3,8 @@
 Run with ``pytest benchmarks/ --benchmark-only`` (``make bench``). Each benchmark
 
 1. builds the inputs of its shape on its device (CPU float32, CUDA bfloat16),
-2. asserts the provider's output against the float64 reference before timing anything,
+2. asserts the provider's output against the float64 reference before timing anything (the rule
+   of the tests, :mod:`tarp_fast.testing`: error at most 2x eager PyTorch's + a floor),
 3. times the provider with pytest-benchmark (CUDA is synchronized inside the timed function, so
    the device is timed, not the launch),
 4. times ``F.linear`` of the same shape and mode in the same run and records
@@ -17,7 +18,6 @@ static delta, the baseline users know), and every tarp-fast backend that can run
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import tarp_fast
 from tarp_fast import reference
+from tarp_fast.testing import make_problem, rel_err, tolerance
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,6 @@ def bench_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Relative max-error bound vs float64 (eager error at this precision, with margin)."""
-    return {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,34 +88,21 @@ class Inputs:
     V: torch.Tensor
     G: torch.Tensor
     dy: torch.Tensor
-    scaling: float = 0.5
+    scaling: float
 
 
 def make_inputs(shape: Shape, device, dtype, seed: int = 0) -> Inputs:
-    """Random inputs with unit-scale outputs; the delta is non-zero (U is random)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*size, scale=1.0):
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype)
-
+    """One plain call's tensors from the tests' case builder (:func:`tarp_fast.testing.make_problem`,
+    unit-scale outputs, a non-zero delta) and an output gradient ``dy``, on ``device`` in ``dtype``."""
     M, K, N, r = shape.M, shape.K, shape.N, shape.r
-    return Inputs(
-        x=rnd(M, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N, scale=0.1),
-        U=rnd(N, r, scale=r**-0.5), V=rnd(r, K, scale=K**-0.5), G=rnd(r * r, K, scale=(K * r) ** -0.5),
-        dy=rnd(M, N),
-    )
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |out - ref| / max(|ref|_inf, 1e-6) in float64; inf when ``out`` is not all finite."""
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not bool(torch.isfinite(out).all()):
-        return math.inf
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+    p = make_problem(M, K, N, r, scale=False, dtype=dtype, seed=seed, device=device)
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(seed + 1), dtype=dtype).to(device)
+    return Inputs(p.x, p.weight, p.bias, p.U, p.V, p.G, dy=dy, scaling=p.kw["scaling"])
 
 
 def _float64(t: Optional[torch.Tensor]):
-    return None if t is None else t.detach().double().cpu()
+    """``t`` in float64 on its own device (a GPU computes the LLM shapes' reference in seconds)."""
+    return None if t is None else t.detach().double()
 
 
 def provider_unavailable(provider: str, shape: Shape, device: torch.device) -> Optional[str]:
@@ -174,7 +157,7 @@ def build(provider: str, mode: str, shape: Shape, device, dtype) -> Callable[[],
 
     if provider == "F.linear":
         forward = lambda: F.linear(x, inp.weight, inp.bias)  # noqa: E731
-        expected = F.linear(_float64(x), _float64(inp.weight), _float64(inp.bias))
+        oracle = lambda x, w, b, U, V, G: F.linear(x, w, b)  # noqa: E731
     elif provider == "peft_lora":
         layer = _peft_layer(inp, shape)
         if train:
@@ -182,20 +165,24 @@ def build(provider: str, mode: str, shape: Shape, device, dtype) -> Callable[[],
             for p in (layer.base_layer.weight, layer.base_layer.bias):
                 p.requires_grad_(False)
         forward = lambda: layer(x)  # noqa: E731
-        expected = reference.tarp_linear(_float64(x), _float64(inp.weight), _float64(inp.bias), _float64(inp.U),
-                                         _float64(inp.V), scaling=inp.scaling)
+        oracle = lambda x, w, b, U, V, G: reference.tarp_linear(x, w, b, U, V, scaling=inp.scaling)  # noqa: E731
     else:
         kw = dict(scaling=inp.scaling)
         if provider == "reference":
             forward = lambda: reference.tarp_linear(x, inp.weight, inp.bias, U, V, G, **kw)  # noqa: E731
         else:
             forward = lambda: tarp_fast.tarp_linear(x, inp.weight, inp.bias, U, V, G, backend=provider, **kw)  # noqa: E731
-        expected = reference.tarp_linear(*(_float64(t) for t in (x, inp.weight, inp.bias, U, V, G)), **kw)
+        oracle = lambda x, w, b, U, V, G: reference.tarp_linear(x, w, b, U, V, G, **kw)  # noqa: E731
 
-    out = forward()
-    err = rel_err(out, expected)
-    if err > tolerance(dtype):
-        raise AssertionError(f"{provider} {mode} disagrees with float64: rel err {err:.2e} > {tolerance(dtype):.0e}")
+    # the rule of the tests (tarp_fast.testing): error vs float64 at most 2x eager's + a floor
+    tensors = (x, inp.weight, inp.bias, inp.U, inp.V, inp.G)
+    with torch.no_grad():
+        out = forward()
+        ref = oracle(*(_float64(t) for t in tensors))
+        eager = oracle(*(t.detach() for t in tensors))
+    err, tol = rel_err(out, ref), tolerance(eager, ref, dtype)
+    if err > tol:
+        raise AssertionError(f"{provider} {mode} disagrees with float64: rel err {err:.2e} > {tol:.2e} (2x eager's + floor)")
 
     leaves = [t for t in (x, U, V, G) if t is not None and t.requires_grad] if train else []
 

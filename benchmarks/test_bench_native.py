@@ -22,15 +22,12 @@ speedup over the reference that any implementation on the same BLAS could show a
 
 from __future__ import annotations
 
-import os
-import statistics
-import time
-
 import pytest
 import torch
-from harness import rel_err
+from harness import interleaved_medians
 
 from tarp_fast import reference
+from tarp_fast.testing import ARG_NAMES, Problem, compare, make_problem
 
 _native = pytest.importorskip("tarp_fast._native")
 _REASON = _native.unavailable_reason()
@@ -40,44 +37,22 @@ if _REASON is not None:
 SMALL = [(M, kn, kn, r) for M in (64, 512) for kn in (128, 256, 768) for r in (4, 8, 16)]
 LARGE = [(2048, 1024, 1024, 16)]
 MODES = ("fwd", "fwd+bwd")
-TOL = 1e-4  # float32 vs float64, relative to the largest value
-#: ``TARP_BENCH_THREADS=1`` pins torch's intra-op threads (stable figures on a shared machine,
-#: where a descheduled OpenMP thread stalls a whole parallel region); default: torch's setting.
-THREADS = int(os.environ.get("TARP_BENCH_THREADS", "0") or 0)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    prev = torch.get_num_threads()
-    if THREADS > 0:
-        torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(prev)
-
-
+SCALING = 0.5
 def _ids(shape):
     M, K, N, r = shape
     return f"M{M}-K{K}-N{N}-r{r}"
 
 
 def _inputs(shape, seed=0, tasks=0, q=0):
-    """Inputs of one call; ``tasks`` > 0: per-task factors [T, ...] and a random ``task_index``;
-    ``q`` > 0: the multiplicative term's factors P [(T,) N, q], Q [(T,) q, K]."""
+    """Inputs of one call by name, from the tests' case builder (:func:`tarp_fast.testing.make_problem`)
+    and an output gradient ``dy``; ``tasks`` > 0: per-task factors [T, ...] and a random
+    ``task_index``; ``q`` > 0: the multiplicative term's factors P [(T,) N, q], Q [(T,) q, K]."""
     M, K, N, r = shape
-    g = torch.Generator().manual_seed(seed)
-    lead = (tasks,) if tasks else ()
-
-    def rnd(*size, scale=1.0):
-        return torch.randn(*size, generator=g) * scale
-
-    inp = dict(
-        x=rnd(M, K), weight=rnd(N, K, scale=K**-0.5), bias=rnd(N, scale=0.1), U=rnd(*lead, N, r, scale=r**-0.5),
-        V=rnd(*lead, r, K, scale=K**-0.5), G=rnd(*lead, r * r, K, scale=(K * r) ** -0.5), dy=rnd(M, N),
-    )
-    if q:
-        inp.update(P=rnd(*lead, N, q, scale=0.3), Q=rnd(*lead, q, K, scale=0.3))
+    p = make_problem(M, K, N, r, q or 1, tasks or 1, scale=bool(q), dtype=torch.float32, seed=seed)
+    inp = {name: t for name, t in zip(ARG_NAMES, p.args()) if t is not None}
     if tasks:
-        inp["task_index"] = torch.randint(0, tasks, (M,), generator=g)
+        inp["task_index"] = p.kw["task_index"]
+    inp["dy"] = torch.randn(M, N, generator=torch.Generator().manual_seed(seed + 1))
     return inp
 
 
@@ -115,7 +90,7 @@ def _step(fn, inp, train, flags=None):
                    if k in flags and not flags.get("hard_skip")]
 
     def run():
-        y = fn(x, inp["weight"], inp["bias"], U, V, G, P, Q, scaling=0.5, **flags)
+        y = fn(x, inp["weight"], inp["bias"], U, V, G, P, Q, scaling=SCALING, **flags)
         if train:
             return y, torch.autograd.grad(y, leaves, inp["dy"])
         return y, ()
@@ -124,30 +99,17 @@ def _step(fn, inp, train, flags=None):
 
 
 def _check(shape, train, flags=None, layout=None):
-    """Native (float32) vs the float64 reference: output and every gradient."""
+    """Native (float32) against the float64 reference by the tests' rule (:func:`tarp_fast.testing.compare`):
+    the output and, in fwd+bwd, the gradient of every input ``_step`` trains."""
     inp = _inputs(shape, **(layout or {}))
-    y, grads = _step(_native.tarp_linear_native, inp, train, flags)()
-    inp64 = {k: (v.detach().double() if v.is_floating_point() else v) for k, v in inp.items()}
-    flags64 = {k: (v.double() if torch.is_tensor(v) else v) for k, v in (flags or {}).items()}
-    y64, grads64 = _step(reference.tarp_linear, inp64, train, flags64)()
-    names = ("dx", "dU", "dV", "dG") + tuple(f"d{k}" for k in ("P", "Q") if k in inp) + ("dgate", "dskip_gate")
-    for name, a, b in [("out", y, y64)] + list(zip(names, grads, grads64)):
-        err = rel_err(a, b)
-        assert err <= TOL, f"native {name} disagrees with float64 at {shape}: rel err {err:.2e} > {TOL:.0e}"
-
-
-def interleaved_medians(fns, budget_s=0.4, max_reps=200, min_reps=5):
-    """Median seconds of each fn, timed round-robin after one warm-up each."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < min_reps or (time.perf_counter() - start < budget_s and len(times[0]) < max_reps):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    kw = dict(flags or {}, scaling=SCALING)
+    if "task_index" in inp:
+        kw["task_index"] = inp["task_index"]
+    trained = ["x", "U", "V", "G"] + [k for k in ("P", "Q") if k in inp]
+    if not kw.get("hard_skip"):
+        trained += [k for k in ("gate", "skip_gate") if torch.is_tensor(kw.get(k))]
+    p = Problem(*(inp.get(name) for name in ARG_NAMES), kw=kw)
+    compare(_native.tarp_linear_native, p, torch.float32, grads=train, wrt=trained, what=f"native {_ids(shape)}")
 
 
 def _gemm_floor(shape, train):
@@ -199,7 +161,7 @@ def _bench(benchmark, shape, mode, epilogue=None, factors=None):
     ref_run = _step(reference.tarp_linear, _inputs(shape, **layout), train, flags)
     plain = epilogue is None and factors is None
     runs = [native_run, ref_run] + ([_gemm_floor(shape, train)] if plain else [])
-    t_nat, t_ref, *t_floor = interleaved_medians(runs)
+    t_nat, t_ref, *t_floor = interleaved_medians(runs, min_time=0.4, max_reps=200)
     benchmark.extra_info.update(native_ms=round(t_nat * 1e3, 4), reference_ms=round(t_ref * 1e3, 4))
     benchmark.extra_info["speedup_vs_reference_ratio"] = round(t_ref / t_nat, 3)
     if t_floor:  # the GEMMs alone: how far any implementation on this BLAS could go

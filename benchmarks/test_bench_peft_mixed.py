@@ -19,8 +19,6 @@ LoRA-shaped).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -33,16 +31,6 @@ from tarp_fast.peft import TarpConfig  # noqa: E402
 
 ADAPTERS, PER_ADAPTER, SEQ, RANK = 8, 4, 32, 8
 NAMES = [f"task{i}" for i in range(ADAPTERS)]
-
-
-@pytest.fixture(autouse=True)
-def _threads(benchmark):
-    n = torch.get_num_threads()
-    want = int(os.environ.get("TARP_BENCH_THREADS", n))
-    torch.set_num_threads(want)
-    benchmark.extra_info["cpu_threads"] = want
-    yield
-    torch.set_num_threads(n)
 
 
 def _base():

@@ -14,8 +14,6 @@ Shapes: CPU ``D = 512`` (FFN 2048), 8 x 64 tokens; CUDA ``D = 1024`` (FFN 4096),
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,21 +41,6 @@ CELL_ARCHS = {
     "zero_and_skip": [OPS.index("skip") if k in (0, 1, 2, 3, 5, 6) else OPS.index("zero") for k in range(NUM_EDGES)],
     "mixed": [0, 1, 2, 3, 4, 5, 0, 1, 2],
 }
-
-
-@pytest.fixture(autouse=True)
-def _threads(benchmark):
-    """CPU intra-op threads: ``TARP_BENCH_THREADS`` (default: torch's), recorded with the row.
-
-    Why: on a shared machine OpenMP threads that spin while other processes hold the cores make
-    small ops erratic (seen: one cell 1 ms in one row, 160 ms in the next); ``=1`` is stable.
-    """
-    n = torch.get_num_threads()
-    want = int(os.environ.get("TARP_BENCH_THREADS", n))
-    torch.set_num_threads(want)
-    benchmark.extra_info["cpu_threads"] = want
-    yield
-    torch.set_num_threads(n)
 
 
 def _sizes(device):
