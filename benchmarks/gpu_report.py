@@ -296,6 +296,19 @@ class Ctx:
                 self.report.row(section=section, case="unskipped", provider="triton", mode="fwd", ms=ms, ratio=1.0)
         return ms
 
+    def checked_fwd(self, section, case, inp, kw, *, base, grads=True):
+        """Check the triton call ``(inp, kw)`` against float64, time its forward and report the row
+        (ratio to ``base`` ms): ``(ms, check passed)``, or None when the timing failed."""
+        chk = self.guarded(section, case, _check, self, inp, kw, grads, provider="triton", mode="check")
+        ms = self.guarded(section, case, lambda: self.bench(_step("triton", inp, "fwd", kw)[1]), provider="triton",
+                          mode="fwd")
+        if ms is None:
+            return None
+        ok = bool(chk and chk["ok"])
+        self.report.row(section=section, case=case, provider="triton", mode="fwd", ms=ms, ratio=ms / base, ok=ok,
+                        checked=True, errors=chk and chk["errors"])
+        return ms, ok
+
     def guarded(self, section, case, fn, *fargs, **row):
         """Run ``fn(*fargs)`` (one row's work); an exception becomes a failed row, and the report goes on."""
         try:
@@ -429,14 +442,10 @@ def section_hard_skip(ctx: Ctx):
     for f in fracs:
         gate = (torch.rand(ctx.M, device=ctx.dev, generator=torch.Generator(device=ctx.dev).manual_seed(1)) < f).float()
         kw = dict(gate=gate, hard_skip=True)
-        chk = ctx.guarded("hard_skip", f"kept {f}", _check, ctx, inp, kw, False, provider="triton", mode="check")
-        ok = bool(chk and chk["ok"])
-        ms = ctx.guarded("hard_skip", f"kept {f}", lambda kw=kw: ctx.bench(_step("triton", inp, "fwd", kw)[1]),
-                         provider="triton", mode="fwd")
-        if ms is None:
+        res = ctx.checked_fwd("hard_skip", f"kept {f}", inp, kw, base=full, grads=False)
+        if res is None:
             continue
-        rep.row(section="hard_skip", case=f"kept {f}", provider="triton", mode="fwd", ms=ms, ratio=ms / full, ok=ok,
-                checked=True, errors=chk and chk["errors"])
+        ms, ok = res
         if not ctx.plan_only:
             rep.goal(f"hard skip kept {f}: time <= {f} x unskipped + 5% of unskipped", ms / full, round(f + 0.05, 3),
                      ok and ms / full <= f + 0.05)
@@ -452,14 +461,10 @@ def section_tasks(ctx: Ctx):
     inp8 = ctx.inputs(r, T=8)
     ti = torch.randint(0, 8, (ctx.M,), device=ctx.dev, generator=torch.Generator(device=ctx.dev).manual_seed(2))
     kw = dict(task_index=ti)
-    chk = ctx.guarded("tasks", "8 tasks", lambda: _check(ctx, inp8, kw), provider="triton", mode="check")
-    ok = bool(chk and chk["ok"])
-    ms = ctx.guarded("tasks", "8 tasks", lambda: ctx.bench(_step("triton", inp8, "fwd", kw)[1]), provider="triton",
-                     mode="fwd")
-    if ms is None:
+    res = ctx.checked_fwd("tasks", "8 tasks", inp8, kw, base=one)
+    if res is None:
         return
-    rep.row(section="tasks", case="8 tasks", provider="triton", mode="fwd", ms=ms, ratio=ms / one, ok=ok, checked=True,
-            errors=chk and chk["errors"])
+    ms, ok = res
     if not ctx.plan_only:
         rep.goal("8 tasks in one batch / 1 task (same rows) <= 1.15", ms / one, 1.15, ok and ms / one <= 1.15)
 
