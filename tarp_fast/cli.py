@@ -1119,6 +1119,18 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=30, width=110)
 
 
+def _comparison_flags(p: argparse.ArgumentParser, own_flags, own_title: str, *, corpus_from_config: bool = False) -> None:
+    """The flags of a command that trains every arm from scratch (``bench-adapt``, ``demo``,
+    ``ablate``): corpus, common, cache, model, preparation and fine-tuning settings, then its own."""
+    _corpus_flags(p, from_config=corpus_from_config)
+    _common(p)
+    _cache_flags(p)
+    _add_setting_flags(p, _MODEL_FLAGS, "model")
+    _add_setting_flags(p, _PREP_FLAGS, "preparation")
+    _add_setting_flags(p, _FT_FLAGS, "fine-tuning")
+    _add_setting_flags(p, own_flags, own_title)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__  # noqa: PLC0415
 
@@ -1207,13 +1219,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="local transformers causal-LM folder every arm starts from "
                                                  "(default: pretrain a small GPT-2 on the preparation domains)")
     g.add_argument("--work-dir", default=None, help="keep the preparation logs here (default: not kept)")
-    _corpus_flags(b, from_config=True)
-    _common(b)
-    _cache_flags(b)
-    _add_setting_flags(b, _MODEL_FLAGS, "model")
-    _add_setting_flags(b, _PREP_FLAGS, "preparation")
-    _add_setting_flags(b, _FT_FLAGS, "fine-tuning")
-    _add_setting_flags(b, _BENCH_FLAGS, "benchmark")
+    _comparison_flags(b, _BENCH_FLAGS, "benchmark", corpus_from_config=True)
     b.set_defaults(func=_bench_adapt)
 
     d = add("demo", "the whole comparison on text found on this machine (minutes on CPU)")
@@ -1224,13 +1230,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--heldout", default=None, help="comma-separated held-out domains (default: [bench] heldout of "
                                                    f"--config, else the first two of {', '.join(DEMO_HELDOUT)} "
                                                    "present)")
-    _corpus_flags(d, from_config=True)
-    _common(d)
-    _cache_flags(d)
-    _add_setting_flags(d, _MODEL_FLAGS, "model")
-    _add_setting_flags(d, _PREP_FLAGS, "preparation")
-    _add_setting_flags(d, _FT_FLAGS, "fine-tuning")
-    _add_setting_flags(d, _BENCH_FLAGS, "benchmark")
+    _comparison_flags(d, _BENCH_FLAGS, "benchmark", corpus_from_config=True)
     d.set_defaults(func=_demo)
 
     a = add("ablate", "adapter ablation (the paper's Table 6, small): TARP variants with and without the Hadamard "
@@ -1240,13 +1240,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", default=None, help="write the results here (default: not written)")
     g.add_argument("--png", default=None, help="write the plot of final losses here (default: not written)")
     g.add_argument("--log", default=None, help="JSONL log of every phase (default: none)")
-    _corpus_flags(a)
-    _common(a)
-    _cache_flags(a)
-    _add_setting_flags(a, _MODEL_FLAGS, "model")
-    _add_setting_flags(a, _PREP_FLAGS, "preparation")
-    _add_setting_flags(a, _FT_FLAGS, "fine-tuning")
-    _add_setting_flags(a, _ABLATE_FLAGS, "ablation")
+    _comparison_flags(a, _ABLATE_FLAGS, "ablation")
     a.set_defaults(func=_ablate)
 
     c = add("config", "print the reference TOML file: every setting, its default and meaning")

@@ -63,3 +63,12 @@ def problem_factory():
 #: the relative error of every tier (``tarp_fast.testing``): max |a - ref| / max(|ref|_inf, 1) in
 #: float64, inf where ``a`` has a NaN or inf that ``ref`` has not
 max_rel_err = rel_err
+
+
+def native_or_skip():
+    """``tarp_fast._native``, or skip the calling test module when the extension is not built here."""
+    native = pytest.importorskip("tarp_fast._native")
+    reason = native.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"native extension not available: {reason}", allow_module_level=True)
+    return native

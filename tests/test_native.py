@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import make_problem, max_rel_err
+from conftest import make_problem, max_rel_err, native_or_skip
 
 import tarp_fast
 from tarp_fast import ops, reference
@@ -25,10 +25,7 @@ from tarp_fast.testing import compare
 
 pytestmark = pytest.mark.native
 
-_native = pytest.importorskip("tarp_fast._native")
-_REASON = _native.unavailable_reason()
-if _REASON is not None:
-    pytest.skip(f"native extension not available: {_REASON}", allow_module_level=True)
+_native = native_or_skip()
 
 native = _native.tarp_linear_native
 GATES = (None, "scalar", "row", "task", "zero_rows")

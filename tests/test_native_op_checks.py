@@ -16,15 +16,13 @@ import math
 
 import pytest
 import torch
+from conftest import native_or_skip
 
 from tarp_fast import reference
 
 pytestmark = pytest.mark.native
 
-_native = pytest.importorskip("tarp_fast._native")
-_REASON = _native.unavailable_reason()
-if _REASON is not None:
-    pytest.skip(f"native extension not available: {_REASON}", allow_module_level=True)
+_native = native_or_skip()
 
 ACT = _native.ACTIVATION_CODES
 GK = _native.GATE_CODES
