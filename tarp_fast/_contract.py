@@ -244,6 +244,7 @@ OPTION_DEFAULTS = MappingProxyType(dict(
     scaling=1.0, scale_offset=DEFAULT_SCALE_OFFSET, task_index=None, gate=None, skip_gate=None,
     residual=None, activation="none", hard_skip=False,
 ))
+_OPTION_NAMES = frozenset(OPTION_DEFAULTS)
 
 
 def check_tarp_args(x, weight, bias=None, U=None, V=None, G=None, P=None, Q=None, **options) -> TarpCall:
@@ -270,12 +271,12 @@ def check_tarp_args(x, weight, bias=None, U=None, V=None, G=None, P=None, Q=None
     the factors' gradients are (empty) zeros. ``K = 0``, ``N = 0`` and ``M = 0`` are valid too:
     with ``K = 0`` the output is ``act(bias)`` (gated, plus skip and residual).
     """
-    unknown = sorted(options.keys() - OPTION_DEFAULTS.keys())
-    if unknown:
-        raise TypeError(f"tarp_linear() got an unexpected keyword argument {unknown[0]!r}; "
+    if not options.keys() <= _OPTION_NAMES:
+        unknown = sorted(options.keys() - _OPTION_NAMES)[0]
+        raise TypeError(f"tarp_linear() got an unexpected keyword argument {unknown!r}; "
                         f"the options are {', '.join(OPTION_DEFAULTS)}")
-    options = {**OPTION_DEFAULTS, **options}
-    scaling, scale_offset, task_index, gate, skip_gate, residual, activation, hard_skip = options.values()
+    scaling, scale_offset, task_index, gate, skip_gate, residual, activation, hard_skip = map(
+        options.get, OPTION_DEFAULTS.keys(), OPTION_DEFAULTS.values())
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"tarp_linear: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
