@@ -89,13 +89,12 @@ class Problem:
         """Same problem in another dtype (float tensors only; task_index stays int64), as fresh
         leaves: every float tensor requires grad when ``requires_grad`` is True, the named ones
         (argument names, e.g. ``("x", "U")``) when it is a collection."""
+        leaves = set(ARG_NAMES) | set(self.kw) if requires_grad is True else set(requires_grad or ())
+
         def cast(name, t):
             if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
                 return t
-            t = t.detach().to(dtype)
-            wanted = requires_grad is True or (not isinstance(requires_grad, bool) and requires_grad is not None
-                                               and name in requires_grad)
-            return t.requires_grad_(True) if wanted else t
+            return t.detach().to(dtype).requires_grad_(name in leaves)
 
         return Problem(*(cast(n, t) for n, t in zip(ARG_NAMES, self.args())),
                        kw={k: cast(k, v) for k, v in self.kw.items()})
