@@ -277,16 +277,23 @@ class Ctx:
         self.dtype = DTYPES[args.dtype]
         self.ranks = [16] if args.quick else [16, 4, 32]
         self.full_fwd = {}  # r -> unskipped triton forward (ms)
+        self._inputs = {}  # (r, T) -> inputs
 
     def left(self) -> float:
         return self.args.budget - (time.time() - self.t0) if self.args.budget else math.inf
 
-    def inputs(self, r, T=None, seed=0, M=None):
-        return _inputs(M or self.M, self.K, self.N, r, self.dtype, self.dev, T=T, seed=seed, empty=self.plan_only)
+    def inputs(self, r, T=None):
+        """The inputs at rank ``r`` (``T`` tasks), drawn once per run: every section times the same
+        tensors, and none is drawn twice (read-only: the providers detach what they differentiate)."""
+        if (r, T) not in self._inputs:
+            self._inputs[(r, T)] = _inputs(self.M, self.K, self.N, r, self.dtype, self.dev, T=T, empty=self.plan_only)
+        return self._inputs[(r, T)]
 
-    def unskipped_fwd(self, section, inp, r):
-        """The plain one-task triton forward at rank ``r`` (ms): the providers section's figure, or
-        timed here (and reported as a row of ``section``) when that section did not run; None if it failed."""
+    def unskipped_fwd(self, section, r=16):
+        """``(inputs, ms)`` of the plain one-task triton forward at rank ``r``: the providers
+        section's time, or timed here (and reported as a row of ``section``) when that section did
+        not run; ``ms`` is None if it failed."""
+        inp = self.inputs(r)
         ms = self.full_fwd.get(r)
         if ms is None:
             ms = self.guarded(section, "unskipped", lambda: self.bench(_step("triton", inp, "fwd")[1]),
@@ -294,7 +301,7 @@ class Ctx:
             if ms is not None:
                 self.full_fwd[r] = ms
                 self.report.row(section=section, case="unskipped", provider="triton", mode="fwd", ms=ms, ratio=1.0)
-        return ms
+        return inp, ms
 
     def checked_fwd(self, section, case, inp, kw, *, base, grads=True):
         """Check the triton call ``(inp, kw)`` against float64, time its forward and report the row
@@ -433,9 +440,7 @@ def section_dx(ctx: Ctx):
 
 def section_hard_skip(ctx: Ctx):
     rep = ctx.report
-    r = 16
-    inp = ctx.inputs(r)
-    full = ctx.unskipped_fwd("hard_skip", inp, r)
+    inp, full = ctx.unskipped_fwd("hard_skip")
     if full is None:
         return
     fracs = [0.5, 0.1] if ctx.args.quick else [1.0, 0.5, 0.1]
@@ -453,12 +458,10 @@ def section_hard_skip(ctx: Ctx):
 
 def section_tasks(ctx: Ctx):
     rep = ctx.report
-    r = 16
-    inp = ctx.inputs(r)
-    one = ctx.unskipped_fwd("tasks", inp, r)
+    _, one = ctx.unskipped_fwd("tasks")
     if one is None:
         return
-    inp8 = ctx.inputs(r, T=8)
+    inp8 = ctx.inputs(16, T=8)
     ti = torch.randint(0, 8, (ctx.M,), device=ctx.dev, generator=torch.Generator(device=ctx.dev).manual_seed(2))
     kw = dict(task_index=ti)
     res = ctx.checked_fwd("tasks", "8 tasks", inp8, kw, base=one)
