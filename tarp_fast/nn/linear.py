@@ -469,20 +469,20 @@ class TARPLinear(nn.Linear):
         return ", ".join(parts)
 
 
-def expand_task_index(task_index: torch.Tensor, batch: int) -> torch.Tensor:
+def expand_task_index(task_index: torch.Tensor, batch: int, *,
+                      argument: str = "TARPLinear.forward: 'task_index' has {b} per-sequence task ids") -> torch.Tensor:
     """Per-sequence task ids ``[b]`` for a batch of ``batch`` sequences in which each of the ``b``
     sequences was repeated ``batch // b`` times in a row, as ``generate`` expands its inputs for
     ``num_beams`` and ``num_return_sequences`` (``repeat_interleave``). ``ValueError`` when
-    ``batch`` is not a multiple of ``b``.
+    ``batch`` is not a multiple of ``b``; ``argument`` (formatted with ``b``) starts its message.
     """
     b = int(task_index.shape[0])
     if b == batch:
         return task_index
     if b == 0 or batch % b:
         raise ValueError(
-            f"TARPLinear.forward: 'task_index' has {b} per-sequence task ids but the batch has {batch} sequences "
-            "(not a multiple: generate repeats each sequence num_beams x num_return_sequences times); pass one "
-            "id per sequence of the batch")
+            f"{argument.format(b=b)} but the batch has {batch} sequences (not a multiple: generate repeats each "
+            "sequence num_beams x num_return_sequences times); pass one per sequence of the batch")
     return task_index.repeat_interleave(batch // b)
 
 

@@ -60,6 +60,7 @@ from ..nn.linear import (
     PAPER_INIT_STD,
     VARIANTS,
     _is_conv1d,
+    expand_task_index,
     init_kronecker_factor_,
     kronecker_delta,
     kronecker_factor_shapes,
@@ -259,13 +260,26 @@ class _Routing:
     names: tuple
     slots: tuple
     seq_slot: torch.Tensor  # [B] int64 on CPU
-    _on: dict = field(default_factory=dict)  # device -> seq_slot there
+    _rows: dict = field(default_factory=dict)  # (present, lead shape, device) -> (rows, rows per slot)
 
-    def seq_slot_on(self, device: torch.device) -> torch.Tensor:
-        t = self._on.get(device)
-        if t is None:
-            t = self._on[device] = self.seq_slot.to(device)
-        return t
+    def rows(self, present: tuple, shape: tuple, device: torch.device) -> tuple:
+        """``(task_index [M], [row indices of slot 0, 1, ...])`` on ``device`` for an input of leading
+        ``shape``: each row's slot among the adapters ``present`` in a layer (``len(present)``, the
+        base, for the other names), sequences expanded as ``generate`` expands them.
+
+        Built on the CPU and copied once per model call and layer kind: every layer of a model
+        shares it, so a forward does not pay a host-device copy (a sync on CUDA) per layer.
+        """
+        key = (present, shape, device)
+        if key not in self._rows:
+            local = torch.tensor([present.index(n) if n in present else len(present) for n in self.slots])
+            lead = shape[0] if len(shape) >= 1 else 1
+            per_seq = expand_task_index(local[self.seq_slot], lead,
+                                        argument="TarpLayer: argument 'adapter_names' has {b} names (one per sequence)")
+            rows = per_seq.view(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
+            per_slot = [(rows == slot).nonzero().squeeze(1).to(device) for slot in range(len(present) + 1)]
+            self._rows[key] = (rows.to(device), per_slot)
+        return self._rows[key]
 
 
 _ROUTING: list = []  # the active routing (innermost last); one model is driven by one thread
@@ -370,34 +384,17 @@ class TarpLayer(nn.Module, BaseTunerLayer):
                                 scaling=s["scaling"], scale_offset=s["scale_offset"], backend=self.backend)
         return y.to(dtype)
 
-    def _rows(self, x: torch.Tensor, routing: _Routing, local: torch.Tensor) -> torch.Tensor:
-        """``task_index [M]``: each row's local slot (sequences expanded as ``generate`` expands them)."""
-        per_seq = local[routing.seq_slot_on(x.device)]
-        B, lead = per_seq.numel(), (x.shape[0] if x.dim() >= 2 else 1)
-        if lead != B:
-            if x.dim() < 2 or lead % B:
-                raise ValueError(
-                    f"TarpLayer: argument 'adapter_names' has {B} names (one per sequence), but this layer got a "
-                    f"batch of {lead}, which is not a multiple of {B}"
-                )
-            per_seq = per_seq.repeat_interleave(lead // B)
-        shape = x.shape[:-1]
-        return per_seq.view(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1)
-
     def _mixed(self, x: torch.Tensor, routing: _Routing) -> torch.Tensor:
         # this layer's adapters among the routed names; the rest (and "__base__") are the base slot
-        present = [n for n in routing.slots if n in self.tarp_settings]
+        present = tuple(n for n in routing.slots if n in self.tarp_settings)
         if not present:
             return self.base_layer(x)
-        base_slot = len(present)
-        local = torch.tensor([present.index(n) if n in present else base_slot for n in routing.slots],
-                             dtype=torch.int64, device=x.device)
-        if len(present) == 1 and all(n in present for n in routing.slots):
+        if len(present) == 1 and len(routing.slots) == 1:  # every sequence on one adapter
             return self._single(x, present[0])
         settings = [self.tarp_settings[n] for n in present]
-        rows = self._rows(x, routing, local)
+        rows, per_slot = routing.rows(present, tuple(x.shape[:-1]), x.device)
         if not _stackable(settings):
-            return self._mixed_loop(x, rows, present)
+            return self._mixed_loop(x, per_slot, present)
         w, b = self._linear_weight(), self.get_base_layer().bias
         dtype = x.dtype
         x = self._cast_input_dtype(x, w.dtype)
@@ -450,12 +447,12 @@ class TarpLayer(nn.Module, BaseTunerLayer):
         self._tarp_cache = (key, out) if not torch.is_grad_enabled() else None
         return out
 
-    def _mixed_loop(self, x: torch.Tensor, rows: torch.Tensor, present: list) -> torch.Tensor:
-        """One call per adapter on its rows (adapters that cannot share one ``tarp_linear`` call)."""
+    def _mixed_loop(self, x: torch.Tensor, per_slot: list, present: tuple) -> torch.Tensor:
+        """One call per adapter on its rows (adapters that cannot share one ``tarp_linear`` call);
+        ``per_slot``: the row indices of each adapter, then of the base."""
         flat = x.reshape(-1, x.shape[-1])
         out = None
-        for slot in range(len(present) + 1):
-            idx = (rows == slot).nonzero().squeeze(1)
+        for slot, idx in enumerate(per_slot):
             if idx.numel() == 0:
                 continue
             part = flat.index_select(0, idx)
