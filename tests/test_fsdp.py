@@ -18,6 +18,7 @@ process. Per block then the root, the base frozen and the adapter trained:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import warnings
@@ -222,8 +223,9 @@ def _scenarios(rank, world, out):
         results["mixed_dtypes"] = sorted({str(v.dtype) for v in full.values()})
         results["mixed_state"] = _trainable(full, _model("gpt2"))
 
-    # the preparation driver's FSDP mode, with TARP and with TAMS
-    cfg = _prep_config()
+    # the preparation driver's FSDP mode, with TARP and with TAMS; a checkpoint after every step,
+    # so a step runs after a mid-run checkpoint gathered the sharded optimizer state
+    cfg = dataclasses.replace(_prep_config(), checkpoint_every=1)
     model = _prep_model()
     run = prepare(model, _prep_sampler(cfg), cfg, fsdp=True, checkpoint_dir=os.path.join(out, "prep"))
     results["prep_losses"] = run["losses"]

@@ -604,12 +604,9 @@ def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
 
 def _optimizer_state_full(opt: torch.optim.Optimizer) -> tuple:
     """:func:`optimizer_state_to_flat` with each sharded state tensor gathered (every rank calls it)."""
-    sd = opt.state_dict()
-    for st in sd["state"].values():
-        for k, v in list(st.items()):
-            if _is_dtensor(v):
-                st[k] = v.full_tensor()
-    return optimizer_state_to_flat(_StateDictOnly(sd))
+    sd = opt.state_dict()  # its "state" holds the optimizer's live per-parameter dicts: copied, not written
+    state = {i: {k: _full(v) for k, v in st.items()} for i, st in sd["state"].items()}
+    return optimizer_state_to_flat(_StateDictOnly({**sd, "state": state}))
 
 
 class _StateDictOnly:
