@@ -428,7 +428,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> native_tarp_fwd_cpu(
                           num_tasks, activation, gate_kind, skip_kind);
   check_cpu(op, x_in);
   const Tensor x = x_in.contiguous();
-  const Tensor weight = weight_in.contiguous();
+  // The weight is read only through ATen ops (mm with a transpose flag, elementwise): a transposed
+  // view, as a GPT-2 Conv1D layer passes, needs no [N, K] copy per call.
+  const Tensor& weight = weight_in;
   const Tensor res = contig(residual);
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "native_tarp_fwd", [&] {
@@ -795,7 +797,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const Tensor ti = contig(task_index), g = contig(gate), sg = contig(skip_gate);
   std::vector<Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "native_tarp_bwd", [&] {
-    Bwd<scalar_t> c{dy_in.contiguous(), x, weight_in.contiguous(), contig(U), contig(V), contig(G), contig(P),
+    Bwd<scalar_t> c{dy_in.contiguous(), x, weight_in, contig(U), contig(V), contig(G), contig(P),
                     contig(Q), pre.contiguous(), proj.contiguous(), scale.contiguous(), scaling, activation};
     c.multi = ti.defined();
     c.dynamic = c.G.defined();
