@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from .._contract import ACTIVATION_CODES, Needs, rows_grouped
+from .._contract import ACTIVATION_CODES, Needs
 from . import _kernels as K
 from ._configs import KernelConfig, config_for, device_arch, dx_design
 from ._plan import Launch, poison_outputs
@@ -129,9 +129,11 @@ class Rows:
 
 
 def grouped_in_op(task_index, gate, hard_skip: bool) -> bool:
-    """:func:`tarp_fast._contract.rows_grouped` from a custom op's arguments (``task_index`` is None
-    there unless a per-task factor is read; ``gate`` is None unless one was given)."""
-    return rows_grouped(task_index is not None, hard_skip and gate is not None)
+    """Whether the fused kernels regroup the rows of a call, from its custom op's arguments: by
+    task when a per-task factor is read (``task_index`` is None there otherwise), kept rows first
+    when ``hard_skip`` has a gate to drop rows by (``gate`` is None unless one was given).
+    Otherwise tiles are plain row ranges (no schedule is built)."""
+    return task_index is not None or (hard_skip and gate is not None)
 
 
 def make_rows(M: int, T: int, task_index, gate, hard_skip: bool, device) -> Rows:

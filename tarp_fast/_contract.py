@@ -114,10 +114,9 @@ class TarpCall:
     tensor; their kinds are in ``spec``): :meth:`gate_rows` reads them per row in the dtype a
     backend computes in, and the native op takes them as they are.
 
-    Derived flags: ``grouped`` (:func:`rows_grouped`: the fused kernels regroup the rows), ``act``
-    (the activation's code, ``none=0, relu=1, gelu_tanh=2``, shared with csrc/tarp_common.h) and
-    ``needs`` (which inputs require a gradient, a :class:`Needs`; read when asked, as only the
-    native backend asks).
+    Derived flags: ``act`` (the activation's code, ``none=0, relu=1, gelu_tanh=2``, shared with
+    csrc/tarp_common.h) and ``needs`` (which inputs require a gradient, a :class:`Needs`; read when
+    asked, as only the native backend asks).
     """
 
     spec: TarpSpec
@@ -138,7 +137,6 @@ class TarpCall:
     activation: str
     act: int
     hard_skip: bool
-    grouped: bool
 
     @property
     def needs(self) -> Needs:
@@ -454,15 +452,7 @@ def check_tarp_args(x, weight, bias=None, U=None, V=None, G=None, P=None, Q=None
         residual=residual.reshape(M, N).contiguous() if residual is not None else None,
         scaling=float(scaling), scale_offset=float(scale_offset), activation=activation,
         act=ACTIVATION_CODES[activation], hard_skip=hard_skip,
-        grouped=rows_grouped(multi and (rank > 0 or P is not None), hard_skip and gate_kind != "none"),
     )
-
-
-def rows_grouped(per_task: bool, drops_rows: bool) -> bool:
-    """Whether the fused kernels regroup the rows of a call: by task when a per-task factor is
-    read (``task_index`` with ``U`` of rank > 0 or ``P``), kept rows first when ``hard_skip`` has a
-    gate to drop rows by. Otherwise tiles are plain row ranges (no schedule is built)."""
-    return per_task or drops_rows
 
 
 def check_task_range(task_index: torch.Tensor, T: int) -> None:
