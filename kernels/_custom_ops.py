@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .._contract import Needs, TarpCall, check_task_range
-from . import _launch
+from . import _launch, precompile
 
 __all__ = ["run", "triton_scale_weight"]
 
@@ -220,7 +220,8 @@ def _row_gate(call: TarpCall, which: str) -> Optional[Tensor]:
     """``gate`` or ``skip_gate`` as the kernels read it: a contiguous ``[M]`` fp32 tensor made with
     differentiable torch ops (so its gradient reaches the caller's tensor), or None."""
     M = call.spec.M
-    gather = _TaskGateRows.apply if _launch.use_cuda_helpers(call.x.device) else None
+    per_task = (call.spec.gate_kind if which == "gate" else call.spec.skip_kind) == "task"
+    gather = _TaskGateRows.apply if per_task and _launch.use_cuda_helpers(call.x.device) else None
     g = call.gate_rows(which, torch.float32, gather)
     if g is None:
         return None
@@ -234,8 +235,6 @@ def run(call: TarpCall) -> Tensor:
     can run this validated call here, then unpack it into the registered ops (the one place the
     call object is unpacked). Returns ``call.spec.out_shape`` in x's dtype."""
     # (under precompile.capture launches are recorded, not run: CPU tensors stand in for CUDA ones)
-    from . import precompile
-
     spec = call.spec
     capturing = precompile.capturing()
     if spec.device.type != "cuda" and not _interpreter_on() and not capturing:

@@ -20,6 +20,7 @@ import triton
 
 from .._contract import ACTIVATION_CODES, Needs
 from . import _kernels as K
+from . import precompile
 from ._configs import KernelConfig, config_for, device_arch, dx_design
 from ._plan import Launch, poison_outputs
 from ._plan import alloc as _alloc
@@ -66,8 +67,6 @@ def _dot_prec(dtype: torch.dtype, device: torch.device) -> str:
     """``tl.dot`` input precision: fp32 operands follow torch's TF32 setting for CUDA matmuls
     (:func:`tf32_matmul_allowed`: TF32 tensor cores when allowed, exact fp32 otherwise);
     16-bit operands are exact anyway."""
-    from . import precompile
-
     on_gpu = device.type == "cuda" or precompile.capturing()  # (a capture's CPU tensors stand for CUDA ones)
     if dtype == torch.float32 and on_gpu and tf32_matmul_allowed():
         return "tf32"
@@ -85,8 +84,6 @@ def _bench_fn(launch_for_cfg, device):
     Under :func:`tarp_fast.kernels.precompile.capture` (launches recorded, not run) it "times"
     each candidate by recording its launches, so the compiles that autotuning would do are
     counted and precompiled too."""
-    from . import precompile
-
     if precompile.capturing():
         def record(cfg):
             for p in launch_for_cfg(cfg):
@@ -205,8 +202,6 @@ def _tma_can_serve(t: torch.Tensor) -> bool:
     """Whether a contiguous row-major ``t`` can be read with a TMA descriptor on its device:
     Hopper or newer (the interpreter and the compile tier's meta tensors count as able), a
     16-byte aligned base and rows of a multiple of 16 bytes."""
-    from . import precompile
-
     if t.device.type == "cuda" and torch.cuda.get_device_capability(t.device)[0] < 9:
         return False
     if t.device.type != "cuda" and (precompile.capture_arch() or 90) < 90:
