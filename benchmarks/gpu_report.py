@@ -58,6 +58,7 @@ try:
     import tarp_fast  # noqa: F401  (installed: use it)
 except ImportError:  # run from a checkout without `pip install`: import the tree beside this file
     sys.path.insert(0, os.path.dirname(HERE))
+from tarp_fast._io import atomic_write_bytes  # noqa: E402
 from tarp_fast.testing import ARG_NAMES, Problem, against_float64, make_problem, rel_err, tolerance  # noqa: E402
 
 SECTIONS = ("providers", "dx", "hard_skip", "tasks", "precision", "schedule")
@@ -101,17 +102,10 @@ class Report:
         self.echo(f"NOTE {text}", flush=True)
         self.write()
 
-    def _atomic(self, path: str, text: str) -> None:
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-
     def write(self) -> None:
-        self._atomic(self.base + ".json", json.dumps(dict(meta=self.meta, status=self.status, rows=self.rows,
-                                                          goals=self.goals, notes=self.notes), indent=1,
-                                                     default=str))
-        self._atomic(self.base + ".md", self.markdown())
+        data = dict(meta=self.meta, status=self.status, rows=self.rows, goals=self.goals, notes=self.notes)
+        atomic_write_bytes(self.base + ".json", json.dumps(data, indent=1, default=str).encode())
+        atomic_write_bytes(self.base + ".md", self.markdown().encode())
 
     def markdown(self) -> str:
         m = self.meta

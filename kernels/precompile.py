@@ -378,10 +378,10 @@ def _dec(v):
 def save_specs(specs, path: str) -> None:
     data = [_enc(dict(kernel=s.kernel, key=s.key, signature=s.signature, constexprs=s.constexprs,
                       attrs=s.attrs, options=s.options, target=tuple(s.target))) for s in specs]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
+    # imported here: the Triton-only compile mode (no torch, no package) never saves
+    from tarp_fast._io import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(data).encode())
 
 
 def load_specs(path: str) -> list[Spec]:
