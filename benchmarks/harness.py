@@ -196,18 +196,6 @@ def build(provider: str, mode: str, shape: Shape, device, dtype) -> Callable[[],
     return run
 
 
-def median_seconds(fn: Callable[[], object], min_time: float = 0.2, max_reps: int = 50) -> float:
-    """Median wall time of ``fn`` (which synchronizes the device itself), after one warm-up."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def interleaved_medians(fns: list[Callable[[], object]], min_time: float = 0.5, min_reps: int = 5,
                         max_reps: int = 40) -> list[float]:
     """Median wall time of each ``fn`` (each synchronizes the device itself), timed in alternation in

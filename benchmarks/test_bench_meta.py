@@ -2,17 +2,17 @@
 
 ``batched=True`` adapts the ``T`` tasks of a meta-batch in one forward/backward per inner step
 (stacked per-task TARP factors + ``task_index``; with TAMS also the searched cells' weights,
-read per sequence); ``batched=False`` is the Python loop over tasks. Both are timed in the same run, on the same meta-batch, after checking that they produce
+read per sequence); ``batched=False`` is the Python loop over tasks. Both are timed interleaved in the same run, on the same meta-batch, after checking that they produce
 the same meta-gradient; the ratio ``sequential / batched`` goes to ``extra_info``.
 """
 
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
+from harness import interleaved_medians
 
 import tarp_fast
 from tarp_fast.data import TaskSampler, markov_corpus
@@ -54,16 +54,6 @@ def _meta_grad(model, cfg, batch, tams):
     return [p.grad for p in learner.slow]
 
 
-def _median_seconds(fn, repeats=5):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_batched_vs_sequential_meta_step(benchmark, shape):
     model, cfg, batch, tams = _setup(*SHAPES[shape])
@@ -76,8 +66,8 @@ def test_batched_vs_sequential_meta_step(benchmark, shape):
     if getattr(benchmark, "disabled", False):  # smoke run: correctness and one call only
         benchmark(lambda: _meta_grad(mb, {**cfg, "batched": True}, batch, tams))
         return
-    seq = _median_seconds(lambda: _meta_grad(ms, {**cfg, "batched": False}, batch, tams))
-    bat = _median_seconds(lambda: _meta_grad(mb, {**cfg, "batched": True}, batch, tams))
+    seq, bat = interleaved_medians([lambda: _meta_grad(ms, {**cfg, "batched": False}, batch, tams),
+                                    lambda: _meta_grad(mb, {**cfg, "batched": True}, batch, tams)], min_reps=5)
     benchmark.extra_info.update({
         "shape": shape, "tasks": SHAPES[shape][2], "batched_ms": bat * 1e3, "sequential_ms": seq * 1e3,
         "speedup_ratio": seq / bat, "threads": torch.get_num_threads(),

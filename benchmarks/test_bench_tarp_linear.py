@@ -1,7 +1,7 @@
 """tarp_linear against F.linear, the eager reference and PEFT's LoRA, fwd and fwd+bwd.
 
 ``pytest benchmarks/ --benchmark-only``; every row's ``extra_info`` holds ``ratio_to_F.linear``
-(both medians measured in this run) and the FLOP floor ratio of the shape.
+(both medians measured in this run, timed in alternation) and the FLOP floor ratio of the shape.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from harness import (
     bench_device,
     bench_dtype,
     build,
-    median_seconds,
+    interleaved_medians,
     provider_unavailable,
 )
 
@@ -39,7 +39,6 @@ def test_tarp_linear(benchmark, shape_name, provider, mode):
     if getattr(benchmark, "disabled", False):
         return
     floor = build("F.linear", mode, shape, device, dtype)
-    mine = median_seconds(run)
-    base = median_seconds(floor)
+    mine, base = interleaved_medians([run, floor], min_time=0.4, max_reps=100)
     benchmark.extra_info.update(median_ms=mine * 1e3, flinear_median_ms=base * 1e3)
     benchmark.extra_info["ratio_to_F.linear"] = round(mine / base, 3)
