@@ -59,7 +59,7 @@ try:
 except ImportError:  # run from a checkout without `pip install`: import the tree beside this file
     sys.path.insert(0, os.path.dirname(HERE))
 from tarp_fast._io import atomic_write_bytes  # noqa: E402
-from tarp_fast.testing import ARG_NAMES, Problem, against_float64, make_problem, rel_err, tolerance  # noqa: E402
+from tarp_fast.testing import ARG_NAMES, Problem, against_float64, closeness, make_problem  # noqa: E402
 
 SECTIONS = ("providers", "dx", "hard_skip", "tasks", "precision", "schedule")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -214,18 +214,20 @@ def _check(ctx, inp, kw=None, grads=True):
     floor, errors relative to ``max(|ref|, 1)``), gradients of the adapted inputs (x, U, V, G):
     ``{"ok", "worst", "errors": {name: [kernel, eager, tol]}}``. Under --precompile the triton call
     only (its launches are what is recorded)."""
-    from tarp_fast.kernels import tarp_linear_triton
+    from tarp_fast.kernels import poison_outputs, tarp_linear_triton
 
     p = Problem(*(inp.get(name) for name in ARG_NAMES), kw=dict(kw or {})).rows(ctx.check_M)
     dtype = p.x.dtype
     results = against_float64(tarp_linear_triton, p, dtype, grads=grads, wrt=("x", "U", "V", "G"),
-                              fn_only=ctx.plan_only)
+                              poison=poison_outputs, fn_only=ctx.plan_only)
     errors, ok, worst = {}, True, 0.0
     for name, (got, ref, eager) in results.items():
-        if ref is None:  # no gradient is due
+        if ref is None:  # no gradient is due (x, U, V and G always get one)
             continue
-        ek = rel_err(got, ref) if got is not None else math.inf  # a missing gradient fails
-        ee, tol = rel_err(eager, ref), tolerance(eager, ref, dtype)
+        if got is None:  # a missing gradient fails
+            errors[name], ok, worst = [math.inf, None, None], False, math.inf
+            continue
+        ek, ee, tol = closeness(got, ref, eager, dtype)
         errors[name] = [ek, ee, tol]
         ok &= ek <= tol
         worst = max(worst, ek / tol)
@@ -487,7 +489,8 @@ def section_precision(ctx: Ctx):
             continue
         rep.row(section="precision", case=label, provider="triton vs eager", mode="max rel err vs float64",
                 ok=chk["ok"], checked=True, errors=chk["errors"], worst=chk["worst"],
-                note="; ".join(f"{n}: {e[0]:.2e} (eager {e[1]:.2e})" for n, e in chk["errors"].items()))
+                note="; ".join(f"{n}: {e[0]:.2e}" + (f" (eager {e[1]:.2e})" if e[1] is not None else "")
+                              for n, e in chk["errors"].items()))
         if not ctx.plan_only:
             rep.goal(f"precision {label}: every output within 2x eager's float64 error + floor",
                      chk["worst"], 1.0, chk["ok"])

@@ -27,7 +27,8 @@ GATES = (None, "float", "scalar", "row", "zero_rows", "task", "zero_task", "zero
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """``max |got - ref| / max(|ref|_inf, 1)`` in float64; ``inf`` when ``got`` has a NaN or inf
     where ``ref`` is all finite (an unwritten, NaN-poisoned element); 0 for empty tensors."""
-    a64, r64 = got.detach().double().cpu(), ref.detach().double().cpu()
+    r64 = ref.detach().double()  # on ref's device: a GPU reduces an LLM-sized output in microseconds
+    a64 = got.detach().to(r64.device, torch.float64)
     if not bool(torch.isfinite(a64).all()) and bool(torch.isfinite(r64).all()):
         return math.inf
     if a64.numel() == 0:
@@ -35,11 +36,25 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a64 - r64).abs().max() / r64.abs().max().clamp_min(1.0))
 
 
+def _eager_err(eager: Optional[torch.Tensor], ref: torch.Tensor, dtype: torch.dtype) -> Optional[float]:
+    return None if eager is None or dtype == torch.float64 else rel_err(eager, ref)
+
+
+def _tol(eager_err: Optional[float], dtype: torch.dtype) -> float:
+    return FLOOR[dtype] if eager_err is None else 2.0 * eager_err + FLOOR[dtype]
+
+
 def tolerance(eager: Optional[torch.Tensor], ref: torch.Tensor, dtype: torch.dtype) -> float:
     """``2 rel_err(eager, ref) + FLOOR[dtype]`` (just the floor in float64 or without ``eager``)."""
-    if eager is None or dtype == torch.float64:
-        return FLOOR[dtype]
-    return 2.0 * rel_err(eager, ref) + FLOOR[dtype]
+    return _tol(_eager_err(eager, ref, dtype), dtype)
+
+
+def closeness(got: torch.Tensor, ref: torch.Tensor, eager: Optional[torch.Tensor],
+              dtype: torch.dtype) -> tuple[float, Optional[float], float]:
+    """The rule's figures for one tensor: ``(rel_err(got, ref), rel_err(eager, ref) or None, tolerance)``;
+    it holds when the first is at most the last."""
+    eager_err = _eager_err(eager, ref, dtype)
+    return rel_err(got, ref), eager_err, _tol(eager_err, dtype)
 
 
 def assert_close(got, ref, eager=None, *, dtype: torch.dtype, what: str = "") -> str:
@@ -50,9 +65,8 @@ def assert_close(got, ref, eager=None, *, dtype: torch.dtype, what: str = "") ->
         return f"{what}: none"
     assert got is not None, f"{what}: missing (no gradient?)"
     assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
-    err, tol = rel_err(got, ref), tolerance(eager, ref, dtype)
-    line = f"{what}: rel err {err:.3g}, tol {tol:.3g}" + (f" (eager {rel_err(eager, ref):.3g})" if eager is not None
-                                                         else "")
+    err, eager_err, tol = closeness(got, ref, eager, dtype)
+    line = f"{what}: rel err {err:.3g}, tol {tol:.3g}" + (f" (eager {eager_err:.3g})" if eager_err is not None else "")
     assert err <= tol, line + (" (NaN or inf: an unwritten element?)" if err == math.inf else "")
     return line
 
