@@ -60,6 +60,7 @@ except ImportError:  # run from a checkout without `pip install`: import the tre
     sys.path.insert(0, os.path.dirname(HERE))
 from tarp_fast._io import atomic_write_bytes  # noqa: E402
 from tarp_fast.testing import ARG_NAMES, Problem, against_float64, closeness, make_problem  # noqa: E402
+from tarp_fast.testing import tf32 as tf32_matmuls  # noqa: E402
 
 SECTIONS = ("providers", "dx", "hard_skip", "tasks", "precision", "schedule")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -240,27 +241,6 @@ def _tuned_choices():
 
     return [dict(kernel=k[0], rows_bucket=k[1], itemsize=k[2], arch=k[3], key=list(k[4:]), config=repr(c))
             for k, c in sorted(_configs._tuned.items(), key=lambda kv: repr(kv[0]))]
-
-
-@contextlib.contextmanager
-def _tf32(on: bool):
-    """TF32 for CUDA matmuls (cuBLAS and the kernels' fp32 dots), through the new API where torch
-    has it (mixing it with the legacy flag makes later reads raise)."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        saved = m.fp32_precision
-        m.fp32_precision = "tf32" if on else "ieee"
-        try:
-            yield
-        finally:
-            m.fp32_precision = saved
-    else:
-        saved = m.allow_tf32
-        m.allow_tf32 = on
-        try:
-            yield
-        finally:
-            m.allow_tf32 = saved
 
 
 class Ctx:
@@ -478,7 +458,7 @@ def section_precision(ctx: Ctx):
             rep.row(section="precision", case=label, note="skipped: the interpreter has no bf16")
             continue
         inp = _inputs(ctx.check_M, ctx.K, ctx.N, 16, dt, ctx.dev, seed=5, empty=ctx.plan_only)
-        tf = _tf32(tf32) if tf32 is not None else contextlib.nullcontext()
+        tf = tf32_matmuls(tf32) if tf32 is not None else contextlib.nullcontext()
 
         def run(tf=tf, inp=inp):
             with tf:

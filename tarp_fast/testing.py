@@ -71,6 +71,21 @@ def assert_close(got, ref, eager=None, *, dtype: torch.dtype, what: str = "") ->
     return line
 
 
+@contextlib.contextmanager
+def tf32(on: bool):
+    """TF32 for CUDA fp32 matmuls (cuBLAS and the kernels' fp32 dots) on or off inside the block,
+    restored after. Through ``torch.backends.cuda.matmul.fp32_precision`` where torch has it (torch
+    >= 2.9: once it is set, reading the legacy ``allow_tf32`` raises), the legacy flag otherwise."""
+    m = torch.backends.cuda.matmul
+    attr, value = ("fp32_precision", "tf32" if on else "ieee") if hasattr(m, "fp32_precision") else ("allow_tf32", on)
+    saved = getattr(m, attr)
+    setattr(m, attr, value)
+    try:
+        yield
+    finally:
+        setattr(m, attr, saved)
+
+
 # ----------------------------------------------------------------------------------------------
 # cases
 # ----------------------------------------------------------------------------------------------

@@ -66,3 +66,17 @@ def test_to_sets_requires_grad_by_name():
     assert isinstance(q, Problem)
     assert {k for k, t in q.tensors().items() if t.requires_grad} == {"x", "gate"}
     assert all(t.dtype == torch.float32 for t in q.tensors().values())
+
+
+def test_tf32_sets_and_restores_the_matmul_precision():
+    from tarp_fast.testing import tf32
+
+    m = torch.backends.cuda.matmul
+    attr, on, off = ("fp32_precision", "tf32", "ieee") if hasattr(m, "fp32_precision") else ("allow_tf32", True, False)
+    before = getattr(m, attr)
+    with tf32(True):
+        assert getattr(m, attr) == on
+        with tf32(False):
+            assert getattr(m, attr) == off
+        assert getattr(m, attr) == on
+    assert getattr(m, attr) == before

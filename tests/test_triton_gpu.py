@@ -29,7 +29,7 @@ import os
 import pytest
 import torch
 
-from tarp_fast.testing import ARG_NAMES, Problem, compare, make_problem
+from tarp_fast.testing import ARG_NAMES, Problem, compare, make_problem, tf32
 
 pytestmark = pytest.mark.gpu
 
@@ -95,35 +95,9 @@ def _capture_launches():
         precompile.save_specs(cap.specs.values(), out + ".specs")
 
 
-def _tf32_state():
-    m = torch.backends.cuda.matmul
-    return m.fp32_precision if hasattr(m, "fp32_precision") else m.allow_tf32
-
-
-def _set_tf32(value):
-    """Set TF32 for CUDA matmuls through the new API where torch has it (torch >= 2.9: mixing it
-    with the legacy ``allow_tf32`` makes later reads of either raise), the legacy flag otherwise.
-    ``value``: True / False, or a state from :func:`_tf32_state` to restore."""
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):
-        m.fp32_precision = value if isinstance(value, str) else ("tf32" if value else "ieee")
-    else:
-        m.allow_tf32 = bool(value)
-
-
-@contextlib.contextmanager
-def _tf32(on: bool):
-    saved = _tf32_state()
-    _set_tf32(on)
-    try:
-        yield
-    finally:
-        _set_tf32(saved)
-
-
 @pytest.fixture
 def tf32_off():
-    with _tf32(False):
+    with tf32(False):
         yield
 
 
@@ -156,7 +130,7 @@ def test_dtypes_against_float64(dev, dtype, hard_skip, tf32_off):
 def test_fp32_with_tf32(dev):
     """TF32 on (through torch's new ``fp32_precision`` API where it exists, which the launchers
     read): fp32 ``tl.dot`` in TF32, against float64 with eager (also TF32) setting the bar."""
-    with _tf32(True):
+    with tf32(True):
         a, kw = _case(dev, M=_sz(513, 33), K=_sz(256, 32), N=_sz(256, 32), r=4, T=None, q=0)
         _compare(a, kw, torch.float32)  # eager uses TF32 too: same rule
 
