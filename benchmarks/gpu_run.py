@@ -12,7 +12,8 @@ earlier results are already in ``OUT``:
    extension, for the CUDA helper tests at the end).
 3. ``precompile``: the report's kernels, recorded on CPU tensors and compiled in parallel
    processes into the Triton cache (``gpu_report.py --precompile``), GPU hidden; then, in the
-   background while the report runs, the same for the GPU test tier (``TARP_FAST_GPU_TESTS=capture``).
+   background while the report runs, the same for the GPU test tier (``TARP_FAST_GPU_TESTS=capture``;
+   stopped once the GPU tests have run, status ``stopped`` if it was still compiling).
 4. ``report``: the headline report (``gpu_report.py``), alone on the GPU -> ``OUT/report.json``,
    ``OUT/report.md`` (rewritten after every row).
 5. ``gpu_tests``: ``tests/test_triton_gpu.py`` in parallel workers (pytest-xdist when importable,
@@ -221,22 +222,23 @@ class Run:
                              cmd=" ".join(cmd))
         self.say(f"{name}: started in the background")
 
-    def join(self, name, limit) -> dict:
-        """Wait for a background step (up to ``limit`` s, then kill it); its log goes into run.log."""
+    def join(self, name, limit, *, stop: bool = False) -> dict:
+        """Wait for a background step (up to ``limit`` s, then kill it); its log goes into run.log.
+        ``stop``: its work is no longer needed, so a kill is status ``stopped``, not a timeout."""
         b = self.bg.pop(name)
         limit = max(0.0, min(limit, self.left()))
         try:
             rc = b["proc"].wait(limit)
         except subprocess.TimeoutExpired:
             self._kill(b["proc"])
-            rc = "timeout"
+            rc = "stopped" if stop else "timeout"
         b["fh"].close()
         self._header(name + " (background)", b["cmd"].split(), 0)
         with open(b["log"], errors="replace") as fh:
             self.log.write(fh.read())
         rec = dict(name=name, cmd=b["cmd"], rc=rc, start=round(b["start"], 1),
                    seconds=round(self.elapsed() - b["start"], 1), background=True,
-                   status="ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed"))
+                   status="ok" if rc == 0 else (rc if rc in ("timeout", "stopped") else "failed"))
         self.steps.append(rec)
         self.say(f"{name}: {rec['status']} (rc {rc}), {rec['seconds']}s since its start")
         return rec
@@ -421,6 +423,9 @@ class Run:
         limit = max(30.0, min(a.tests_limit, self.left() - (15 if dry else 60)))
         self.step("gpu_tests", self.pytest_cmd(["tests/test_triton_gpu.py"], workers=workers), limit, env=env,
                   echo=(" FAILED", " ERROR", " passed", " failed", " skipped"))
+        # the test tier's kernels are compiled now: a background compile still going would only take
+        # CPU from autotuning
+        self.join("tests_precompile", 0, stop=True)
 
         # 6. the CUDA helpers, once the extension is built
         self.join("ext_build", max(0.0, min(120.0, self.left() - 45)))
@@ -444,7 +449,7 @@ class Run:
             self.join(name, 0)
         self.write_summary(final=True)
         shutil.rmtree(self.scratch, ignore_errors=True)
-        ok = all(s["status"] in ("ok", "skipped") for s in self.steps)
+        ok = all(s["status"] in ("ok", "skipped", "stopped") for s in self.steps)
         return 0 if ok else 1
 
     # ---- summary ---------------------------------------------------------------------------
