@@ -9,7 +9,8 @@
 * ``train``: forward + backward of the same batch (PEFT's LoRA refuses ``adapter_names`` in
   training mode, so the baseline is 8 separate forward + backward calls).
 
-Each row first checks that the mixed batch gives the separate calls' outputs, then records in
+Each row first checks that the mixed batch gives the separate calls' outputs (``train``: their
+adapter gradients), then records in
 ``benchmark.extra_info`` medians timed in alternation (A, B, A, B, ...) and their ratios, keys
 ending in ``_ratio`` (``benchmarks/conftest.py`` prints them). Nothing asserts a timing.
 ``TARP_BENCH_THREADS=1`` pins CPU threads. CPU sizes: GPT-2 with n_embd 256, 2 layers, 32 tokens
@@ -52,6 +53,15 @@ def _with_adapters(make_config):
     return model
 
 
+def _adapter_grads(model, run) -> dict:
+    """The adapter gradients that ``run()`` (a forward + backward) leaves, by parameter name."""
+    model.zero_grad(set_to_none=True)
+    run()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if ".tarp_" in n and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
 @pytest.mark.parametrize("variant", ["dynamic", "bilinear"])
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_mixed_adapter_batch(benchmark, variant, mode):
@@ -84,6 +94,11 @@ def test_mixed_adapter_batch(benchmark, variant, mode):
 
     if not train:  # the mixed batch computes what the separate calls compute
         torch.testing.assert_close(tarp_mixed(), tarp_separate(), rtol=1e-4, atol=1e-5)
+    else:  # ... and the same adapter gradients (its loss is the mean of the 8 separate losses)
+        mixed, separate = _adapter_grads(tarp, tarp_mixed), _adapter_grads(tarp, tarp_separate)
+        assert mixed.keys() == separate.keys() and mixed
+        for n in mixed:
+            torch.testing.assert_close(mixed[n] * ADAPTERS, separate[n], rtol=1e-4, atol=1e-6, msg=n)
     benchmark.group = f"peft mixed batch ({mode})"
     benchmark.extra_info.update(variant=variant, mode=mode, adapters=ADAPTERS, seqs_per_adapter=PER_ADAPTER,
                                 seq_len=SEQ, rank=RANK)
