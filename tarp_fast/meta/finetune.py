@@ -163,6 +163,8 @@ def finetune(
         with context():
             loss = sequence_losses(model, ids).mean()
             check_finite(loss, desc, step)
+            # read while timed: check_finite has already synchronized, so this adds no wait of its own
+            loss_value = float(loss.detach()) if bar is not None else None
             opt.zero_grad(set_to_none=True)
             loss.backward()
         if recipe.grad_clip:
@@ -170,7 +172,7 @@ def finetune(
         opt.step()
         seconds += time.perf_counter() - t0
         if bar is not None:
-            bar.update(1, loss=float(loss.detach()))
+            bar.update(1, loss=loss_value)
     if bar is not None:
         bar.close()
     return curve
