@@ -201,3 +201,19 @@ def test_machine_domain_files_exist_on_disk():
     except (RuntimeError, ValueError):
         pytest.skip("no Python sources found")
     assert all(os.path.isfile(f["path"]) for f in corpus["python"].files)
+
+
+def test_train_split_is_concatenated_once_and_is_support_then_query():
+    """Before: every read of ``DomainSplits.train`` concatenated the splits again (once per window
+    of a mixed batch)."""
+    tokens = torch.arange(1000)
+    sp = DomainSplits.of(tokens, eval_fraction=0.1, support_fraction=0.7)
+    assert sp.train is sp.train
+    assert torch.equal(sp.train, torch.cat([sp.support, sp.query])) and torch.equal(sp.train, tokens[:900])
+    c = Corpus([Domain("d0", "test", tokens), Domain("d1", "test", tokens + 1000)], tokenizer=ByteTokenizer())
+    sampler = TaskSampler(c, seq_len=16, seed=3)
+    ids, names = sampler.mixed_batch_at(4, 8)
+    assert ids.shape == (8, 16) and torch.equal(ids, sampler.mixed_batch_at(4, 8)[0])
+    for row, name in zip(ids, names):  # every window lies in its domain's training text
+        off = 0 if name == "d0" else 1000
+        assert int(row.min()) >= off and int(row.max()) < off + 900

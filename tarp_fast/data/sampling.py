@@ -11,6 +11,7 @@ query loss of an adapted model measures generalization within the domain, not me
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,9 +69,15 @@ class DomainSplits:
         cut_sup = int(cut_eval * support_fraction)
         return cls(tokens[:cut_sup], tokens[cut_sup:cut_eval], tokens[cut_eval:])
 
-    @property
+    @functools.cached_property
     def train(self) -> torch.Tensor:
-        """Support and query together: everything but the evaluation text."""
+        """Support and query together: everything but the evaluation text.
+
+        Concatenated on first access and kept: :meth:`TaskSampler.mixed_batch_at` reads it once
+        per window, and at 200k tokens per domain concatenating each time cost more than the
+        training step. The splits are not reassigned after construction (nor their tokens
+        modified in place), so the cached text stays that of ``support`` and ``query``.
+        """
         return torch.cat([self.support, self.query])
 
 
@@ -169,27 +176,23 @@ class TaskSampler:
 
 #: Shingle length (tokens; bytes under the byte tokenizer) of :func:`dedup_eval_windows`.
 SHINGLE = 32
-_HASH_MOD = (1 << 61) - 1
-_HASH_BASE = 1_000_003
+_HASH_BASE = 1_000_003  # odd, so multiplying by it is invertible modulo 2**64
 
 
 def _shingle_hashes(tokens: torch.Tensor, k: int) -> torch.Tensor:
     """Polynomial hashes of every ``k``-token shingle of ``tokens [n]`` (``[n - k + 1]`` int64).
 
-    Computed in float64-free integer arithmetic: each shingle is folded token by token modulo a
-    Mersenne prime (two 31-bit halves keep every product below 2**63).
+    Each shingle is folded token by token, ``h = h * BASE + token + 1``, in int64 arithmetic that
+    wraps around: the hash is the polynomial modulo 2**64. The hashes are only compared with each
+    other within one call (never stored), so any fixed function with rare collisions serves.
     """
     t = tokens.to(torch.int64)
     n = int(t.numel())
     if n < k:
         return torch.empty(0, dtype=torch.int64)
     h = torch.zeros(n - k + 1, dtype=torch.int64)
-    lo_base, hi_base = _HASH_BASE & 0x7FFFFFFF, _HASH_BASE >> 31
     for j in range(k):
-        # h = (h * BASE + t[j:]) mod p, with h < 2**61: split BASE to keep products in int64
-        lo = (h * lo_base) % _HASH_MOD
-        hi = ((h * hi_base) % _HASH_MOD) * (1 << 31) % _HASH_MOD if hi_base else torch.zeros_like(h)
-        h = (lo + hi + t[j:j + n - k + 1] + 1) % _HASH_MOD
+        h = h * _HASH_BASE + (t[j:j + n - k + 1] + 1)
     return h
 
 

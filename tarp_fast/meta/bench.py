@@ -93,7 +93,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -107,7 +106,7 @@ import torch
 import torch.nn as nn
 
 from .. import mark_only_tarp_trainable, patch_model, tarp_parameters
-from .._io import atomic_write_bytes
+from .._io import atomic_write, atomic_write_bytes
 from ..data.corpus import Corpus
 from ..data.sampling import DomainSplits, TaskSampler, dedup_eval_windows, random_windows, step_generator
 from .finetune import FinetuneRecipe, NonFiniteLossError, RunProgress, finetune, train_lm
@@ -135,6 +134,16 @@ def tams_available() -> Optional[str]:
     except Exception as exc:  # ImportError, or a partially written package raising at import
         return f"tarp_fast.tams.add_tams is not importable ({type(exc).__name__}: {exc})"
     return None
+
+
+def _real(x) -> bool:
+    """An int or float (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _shown(v):
+    """``v`` for an error message: a tuple as the list it was most likely written as."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 @dataclass
@@ -193,28 +202,40 @@ class BenchConfig:
             raise ValueError("BenchConfig: argument 'arms' must include 'direct' (its final loss is the target)")
         if not self.seeds:
             raise ValueError("BenchConfig: argument 'seeds' must name at least one seed")
+        # protocols first: the command line derives the default finetune_scope from them
+        if not isinstance(self.protocols, (list, tuple)) or not self.protocols or \
+                any(p not in PROTOCOLS for p in self.protocols) or len(set(self.protocols)) != len(self.protocols):
+            raise ValueError(f"BenchConfig: argument 'protocols' ([bench] protocols) must be a non-empty list of "
+                             f"distinct protocols of {PROTOCOLS}, got {_shown(self.protocols)!r}")
+        self.protocols = tuple(self.protocols)
         if self.finetune_scope not in PROTOCOLS:
             raise ValueError(f"BenchConfig: argument 'finetune_scope' must be 'adapter' or 'all', got {self.finetune_scope!r}")
-        self.protocols = tuple(self.protocols)
-        if not self.protocols or any(p not in PROTOCOLS for p in self.protocols) or len(set(self.protocols)) != len(self.protocols):
-            raise ValueError(f"BenchConfig: argument 'protocols' must list distinct protocols of {PROTOCOLS}, "
-                             f"got {list(self.protocols)}")
         if self.finetune_scope not in self.protocols:
             raise ValueError(f"BenchConfig: 'finetune_scope' ({self.finetune_scope!r}) must be one of 'protocols' "
                              f"{list(self.protocols)} (it fills the legacy keys 'domains' and 'per_seed')")
-        self.lr_grid = tuple(float(x) for x in self.lr_grid)
-        if any(not (math.isfinite(x) and x > 0) for x in self.lr_grid) or len(set(self.lr_grid)) != len(self.lr_grid):
-            raise ValueError(f"BenchConfig: argument 'lr_grid' ([bench] lr_grid) must list distinct positive "
-                             f"multipliers of each arm's learning rate, got {list(self.lr_grid)}")
-        if self.validation_domain is not None and not self.lr_grid:
-            raise ValueError(f"BenchConfig: argument 'validation_domain' ([bench] validation_domain) is "
-                             f"{self.validation_domain!r} but 'lr_grid' is empty: the validation domain only serves "
-                             "the learning-rate grid; set [bench] lr_grid too, or drop it")
-        self.base_budgets = tuple(self.base_budgets)
-        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.base_budgets) or \
-                len(set(self.base_budgets)) != len(self.base_budgets):
-            raise ValueError(f"BenchConfig: argument 'base_budgets' ([bench] base_budgets) must list distinct "
-                             f"positive integers (pretraining steps), got {list(self.base_budgets)}")
+        grid = self.lr_grid
+        if not isinstance(grid, (list, tuple)) or any(not _real(x) or not (math.isfinite(x) and x > 0) for x in grid) \
+                or len(set(grid)) != len(grid):
+            raise ValueError(f"BenchConfig: argument 'lr_grid' ([bench] lr_grid) must be a list of distinct positive "
+                             f"numbers (multipliers of each arm's learning rate, e.g. [0.3, 1, 3]; empty: off), "
+                             f"got {_shown(grid)!r}")
+        self.lr_grid = tuple(float(x) for x in grid)
+        val = self.validation_domain
+        if val is not None and (not isinstance(val, str) or not val):
+            raise ValueError(f"BenchConfig: argument 'validation_domain' ([bench] validation_domain) must be a domain "
+                             f"name, got {val!r}")
+        if val is not None and not self.lr_grid:
+            raise ValueError(f"BenchConfig: argument 'validation_domain' ([bench] validation_domain) is {val!r} but "
+                             "[bench] lr_grid is empty (argument 'lr_grid'): the validation domain only serves the "
+                             "learning-rate grid; set [bench] lr_grid (e.g. [0.3, 1, 3]) or drop it")
+        budgets = self.base_budgets
+        if not isinstance(budgets, (list, tuple)) or \
+                any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in budgets) or \
+                len(set(budgets)) != len(budgets):
+            raise ValueError(f"BenchConfig: argument 'base_budgets' ([bench] base_budgets) must be a list of distinct "
+                             f"positive integers (pretraining steps, e.g. [300, 2000]; empty: one budget, "
+                             f"'pretrain_steps' ([pretrain] steps)), got {_shown(budgets)!r}")
+        self.base_budgets = tuple(budgets)
         if self.prep.seq_len != self.finetune.seq_len:
             raise ValueError(f"BenchConfig: prep.seq_len ({self.prep.seq_len}) must equal finetune.seq_len "
                              f"({self.finetune.seq_len})")
@@ -243,26 +264,6 @@ def steps_to_target(curve: Sequence[Sequence[float]], target: float) -> Optional
         if loss <= target + 1e-9:
             return int(step)
     return None
-
-
-
-class _TrainOnce(DomainSplits):
-    """:class:`DomainSplits` whose ``train`` (support and query concatenated) is built once:
-    the base class concatenates on every access, and a mixed batch reads it once per window; at
-    200k tokens per domain that cost 0.07-0.2 s per batch of 16 on a shared 2-core machine (more
-    than the training step), 4e-4 s with the text built once. Same tensors, so the same batches."""
-
-    @functools.cached_property
-    def train(self) -> torch.Tensor:  # type: ignore[override]
-        return torch.cat([self.support, self.query])
-
-
-def _mixed_sampler(corpus: Corpus, seq_len: int, seed: int) -> TaskSampler:
-    """The :class:`TaskSampler` of pretraining and of the multitask control (``mixed_batch_at``),
-    with each domain's training text concatenated once (:class:`_TrainOnce`)."""
-    sampler = TaskSampler(corpus, seq_len=seq_len, seed=seed)
-    sampler.splits = {n: _TrainOnce(sp.support, sp.query, sp.eval) for n, sp in sampler.splits.items()}
-    return sampler
 
 
 def _model_kw(cfg: BenchConfig, vocab: int) -> dict:
@@ -305,7 +306,7 @@ def pretrained_base(corpus: Corpus, cfg: BenchConfig, *, cache_dir: Optional[str
 
         load_model(model, path)
         return model, 0.0, True
-    sampler = _mixed_sampler(corpus, cfg.finetune.seq_len, bseed + 99_991)
+    sampler = TaskSampler(corpus, seq_len=cfg.finetune.seq_len, seed=bseed + 99_991)
     t0 = time.perf_counter()
     train_lm(model, lambda s: sampler.mixed_batch_at(s, cfg.pretrain_batch)[0], cfg.pretrain_steps,
              lr=cfg.pretrain_lr, warmup=max(1, cfg.pretrain_steps // 20), progress=progress,
@@ -501,7 +502,7 @@ def run_benchmark(
             pretrain_seeds = [] if base_model is not None else [
                 s for s in (sub.seeds if sub.vary_base else sub.seeds[:1])
                 if not (cache_dir and os.path.isfile(base_cache_path(prep_corpus, sub, cache_dir, s)))]
-            for phase in _phase_plan(sub, arms, list(heldout), pretrain=len(pretrain_seeds)):
+            for phase in _phase_plan(sub, arms, list(heldout), pretrain_seeds=pretrain_seeds):
                 progress.add(*phase)
     t_all = time.perf_counter()
     results = []
@@ -698,7 +699,7 @@ def _run_budget(
             _add_tams(starts["tarp_tams"], cfg, seed)
         if "multitask" in arms:
             mt = copy.deepcopy(base)
-            sampler = _mixed_sampler(prep_corpus, pc.seq_len, pc.seed + seed)
+            sampler = TaskSampler(prep_corpus, seq_len=pc.seq_len, seed=pc.seed + seed)
             windows = pc.tasks_per_batch * (pc.inner_steps * pc.batch_size + pc.query_batch_size)
             batch = pc.tasks_per_batch * pc.batch_size
             steps = max(1, round(pc.meta_steps * windows / batch))
@@ -817,13 +818,19 @@ def _run_budget(
     return out
 
 
-def _phase_plan(cfg: BenchConfig, arms: Sequence[str], heldout: Sequence[str], *, pretrain: int) -> list[tuple]:
+def _phase_plan(cfg: BenchConfig, arms: Sequence[str], heldout: Sequence[str], *,
+                pretrain_seeds: Sequence[int]) -> list[tuple]:
     """``(kind, steps, windows per step)`` of every phase :func:`run_benchmark` will run, in order
-    (the cost of a step: the windows it processes; TAMS steps count double). ``pretrain``: the
-    number of bases to pretrain (those not cached)."""
+    (the cost of a step: the windows it processes; TAMS steps count double). ``pretrain_seeds``:
+    the seeds whose base is pretrained here (not cached, not given), in the order of ``cfg.seeds``;
+    each is pretrained at the start of its seed's phases, as :func:`_run_budget` runs them."""
     pc, ft = cfg.prep, cfg.finetune
-    plan = [("pretrain", cfg.pretrain_steps, cfg.pretrain_batch)] * int(pretrain)
+    plan: list[tuple] = []
+    pending = list(pretrain_seeds)
     for seed in cfg.seeds:
+        if pending and pending[0] == seed:
+            pending.pop(0)
+            plan.append(("pretrain", cfg.pretrain_steps, cfg.pretrain_batch))
         if "multitask" in arms:
             windows = pc.tasks_per_batch * (pc.inner_steps * pc.batch_size + pc.query_batch_size)
             batch = pc.tasks_per_batch * pc.batch_size
@@ -1058,14 +1065,12 @@ def plot_curves(result: dict, path: str) -> str:
 
 
 def save_figure(fig, path: str) -> str:
-    """Write ``fig`` to the PNG ``path`` atomically (a temporary file renamed over it) and close it."""
+    """Write ``fig`` to the PNG ``path`` atomically (:func:`tarp_fast._io.atomic_write`) and close it."""
     import matplotlib.pyplot as plt  # noqa: PLC0415  (after the figure's module chose the Agg backend)
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    # format given: the temporary's name ends in .tmp, from which matplotlib cannot tell the format
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
