@@ -284,28 +284,10 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _check_bench_lists(bench: dict) -> None:
-    """The [bench] keys of the learning-rate grid, the base budgets and the data (errors name the key)."""
-    grid = bench.get("lr_grid", [])
-    if not isinstance(grid, (list, tuple)) or any(not _number(x) or not x > 0 or x != x or x == float("inf")
-                                                  for x in grid) or len(set(grid)) != len(grid):
-        raise ValueError(f"[bench] lr_grid must be a list of distinct positive numbers (multipliers of each arm's "
-                         f"learning rate, e.g. [0.3, 1, 3]; empty: off), got {grid!r}")
-    val = bench.get("validation_domain")
-    if val is not None and (not isinstance(val, str) or not val):
-        raise ValueError(f"[bench] validation_domain must be a domain name, got {val!r}")
-    if val is not None and not grid:
-        raise ValueError(f"[bench] validation_domain is {val!r} but [bench] lr_grid is empty: the validation domain "
-                         "only serves the learning-rate grid; set [bench] lr_grid (e.g. [0.3, 1, 3]) or drop it")
-    budgets = bench.get("base_budgets", [])
-    if not isinstance(budgets, (list, tuple)) or any(not _positive_int(b) for b in budgets) or \
-            len(set(budgets)) != len(budgets):
-        raise ValueError(f"[bench] base_budgets must be a list of distinct positive integers (pretraining steps, "
-                         f"e.g. [300, 2000]; empty: one budget, [pretrain] steps), got {budgets!r}")
+    """The [bench] keys of the data, which only the command line reads (errors name the key); the
+    keys of :class:`~tarp_fast.meta.bench.BenchConfig` (lr_grid, validation_domain, base_budgets,
+    protocols) are checked by the dataclass itself."""
     corpus = bench.get("corpus")
     if corpus is not None and (not isinstance(corpus, str) or not corpus):
         raise ValueError(f"[bench] corpus must be a corpus spec string (like --corpus), got {corpus!r}")
@@ -315,14 +297,16 @@ def _check_bench_lists(bench: dict) -> None:
         raise ValueError(f"[bench] heldout must be a non-empty list of domain names, got {held!r}")
 
 
-def _bench_config(tree: dict, where: str = "settings"):
-    """A :class:`~tarp_fast.meta.bench.BenchConfig` from a config tree; every key and value is
-    checked here, before anything runs (errors name the TOML key)."""
+def _bench_config(tree: dict):
+    """A :class:`~tarp_fast.meta.bench.BenchConfig` from a config tree; every value is checked
+    here, before anything runs (errors name the TOML key), by the dataclasses where they hold the
+    rule. The sections and keys are not checked here: :func:`_settings` checks them on the file as
+    written, naming it, before merging it with the defaults and flags (a caller with a tree of its
+    own calls :func:`_check_sections` first)."""
     from .meta.bench import ARMS, BenchConfig  # noqa: PLC0415
     from .meta.finetune import FinetuneRecipe  # noqa: PLC0415
     from .meta.prepare import PrepConfig  # noqa: PLC0415
 
-    _check_sections(tree, _known_keys(), where)
     model, pre, bench = tree.get("model", {}), tree.get("pretrain", {}), tree.get("bench", {})
     for key in ("n_embd", "n_layer", "n_head", "rank"):
         if key in model and not _positive_int(model[key]):
@@ -336,8 +320,8 @@ def _bench_config(tree: dict, where: str = "settings"):
         if not isinstance(value, bool):
             raise ValueError(f"[{section}] {key} must be true or false, got {value!r}")
     protocols = bench.get("protocols", ["adapter", "all"])
-    if not isinstance(protocols, (list, tuple)) or not protocols or any(p not in ("adapter", "all") for p in protocols):
-        raise ValueError(f"[bench] protocols must be a non-empty list of 'adapter' and/or 'all', got {protocols!r}")
+    # the default scope; BenchConfig refuses bad protocols (before it looks at the scope)
+    scope = "all" if not isinstance(protocols, (list, tuple)) or not protocols or "all" in protocols else protocols[0]
     _check_bench_lists(bench)
     n_embd, n_head = model.get("n_embd", 96), model.get("n_head", 4)
     if n_embd % n_head:
@@ -345,9 +329,10 @@ def _bench_config(tree: dict, where: str = "settings"):
     prep, ft = dict(tree.get("prep", {})), dict(tree.get("finetune", {}))
     prep.setdefault("seq_len", ft.get("seq_len", 96))
     ft.setdefault("seq_len", prep["seq_len"])
+    built = {}
     for section, cls, values in (("prep", PrepConfig, prep), ("finetune", FinetuneRecipe, ft)):
         try:
-            cls(**values)
+            built[section] = cls(**values)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"[{section}]: {exc}") from None
     try:
@@ -355,15 +340,14 @@ def _bench_config(tree: dict, where: str = "settings"):
             n_embd=n_embd, n_layer=model.get("n_layer", 3), n_head=n_head,
             rank=model.get("rank", 4), variant=variant,
             pretrain_steps=pre.get("steps", 300), pretrain_lr=pre.get("lr", 3e-3), pretrain_batch=pre.get("batch", 16),
-            base_seed=pre.get("seed", 0), prep=PrepConfig(**prep), finetune=FinetuneRecipe(**ft),
+            base_seed=pre.get("seed", 0), prep=built["prep"], finetune=built["finetune"],
             full_lr=bench.get("full_lr", 1e-3), adapter_lr=bench.get("adapter_lr", 3e-3),
             multitask_lr=bench.get("multitask_lr"), seeds=tuple(bench.get("seeds", (0,))),
             arms=tuple(bench.get("arms", ARMS)), tams_cell_width=bench.get("tams_cell_width", 32),
-            finetune_scope=bench.get("finetune_scope", "all" if "all" in protocols else protocols[0]),
-            protocols=tuple(protocols),
+            finetune_scope=bench.get("finetune_scope", scope), protocols=protocols,
             vary_base=bench.get("vary_base", True), scale_weight=model.get("scale_weight", False),
-            lr_grid=tuple(bench.get("lr_grid", ())), validation_domain=bench.get("validation_domain"),
-            base_budgets=tuple(bench.get("base_budgets", ())),
+            lr_grid=bench.get("lr_grid", ()), validation_domain=bench.get("validation_domain"),
+            base_budgets=bench.get("base_budgets", ()),
         )
     except (TypeError, ValueError) as exc:
         raise ValueError(f"[bench] or [pretrain]: {exc}") from None
@@ -387,8 +371,7 @@ def _settings(args: argparse.Namespace, flags, override: Optional[dict] = None):
     ft_len = tree.get("finetune", {}).get("seq_len")
     if ft_len is not None and "seq_len" not in tree.get("prep", {}):
         tree.setdefault("prep", {})["seq_len"] = ft_len  # one window length for both stages
-    return _bench_config(_merge(_merge(_merge(DEMO_DEFAULTS, tree), _flag_overrides(args, flags)), override or {}),
-                         where)
+    return _bench_config(_merge(_merge(_merge(DEMO_DEFAULTS, tree), _flag_overrides(args, flags)), override or {}))
 
 
 def config_reference() -> str:
@@ -867,12 +850,6 @@ def _prepare_interrupted(ckdir: str, step: Optional[int], every: int) -> str:
             "--checkpoint-every); rerun the same command to start over")
 
 
-def _write_json(path: str, obj: dict) -> None:
-    from ._io import atomic_write_bytes  # noqa: PLC0415
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def _read_prepared(prepared: str) -> dict:
     conf_path = os.path.join(prepared, "prepare_config.json")
     if not os.path.isfile(conf_path):
@@ -914,6 +891,7 @@ def _adapt_cmd(args: argparse.Namespace) -> int:
 
     from . import load_adapter, mark_only_tarp_trainable, save_adapter, tarp_parameters  # noqa: PLC0415
     from .data.sampling import DomainSplits, random_windows, step_generator  # noqa: PLC0415
+    from .meta.bench import write_json  # noqa: PLC0415
     from .meta.finetune import FinetuneRecipe, finetune  # noqa: PLC0415
     from .meta.models import check_vocab  # noqa: PLC0415
 
@@ -967,12 +945,12 @@ def _adapt_cmd(args: argparse.Namespace) -> int:
         save_tams(model, adapter_dir, architectures=arch)
     else:
         save_adapter(model, adapter_dir)
-    _write_json(os.path.join(args.out, "adapt_config.json"), {
+    write_json({
         "prepared": os.path.abspath(args.prepared), "base": os.path.abspath(base_dir),
         "adapter": os.path.abspath(adapter_dir), "domain": args.domain, "tams": tams,
         "architecture": _architecture_json(arch) if arch is not None else None,
         "tokenizer": args.tokenizer or pconf.get("tokenizer"), "recipe": recipe.to_dict(), "lr": lr,
-        "seed": args.seed, "curve": curve})
+        "seed": args.seed, "curve": curve}, os.path.join(args.out, "adapt_config.json"))
     print(f"{'step':>6} {'loss':>8} {'seconds':>8}")
     for step, loss, secs in curve:
         print(f"{step:>6d} {loss:>8.4f} {secs:>8.2f}")

@@ -154,3 +154,37 @@ def test_base_budgets_run_the_whole_benchmark_per_budget(corpus):
     table = bench_mod.format_table(res)
     assert "effect against the base's pretraining budget" in table and "6 pretrain steps" in table
     json.dumps(res, allow_nan=False)
+
+
+def test_bench_config_holds_the_list_rules_the_command_line_used_to_repeat(tmp_path, capsys, monkeypatch):
+    """The rules of lr_grid, validation_domain, base_budgets and protocols live in BenchConfig (the
+    stricter of the two former copies); the command line's errors still name the [bench] key."""
+    for kw, key in (({"lr_grid": 3}, "'lr_grid'"), ({"lr_grid": (True,)}, "'lr_grid'"),
+                    ({"lr_grid": ("1",)}, "'lr_grid'"), ({"lr_grid": (float("nan"),)}, "'lr_grid'"),
+                    ({"lr_grid": (float("inf"),)}, "'lr_grid'"), ({"lr_grid": (1, 1.0)}, "'lr_grid'"),
+                    ({"lr_grid": (1.0,), "validation_domain": ""}, "'validation_domain'"),
+                    ({"lr_grid": (1.0,), "validation_domain": 3}, "'validation_domain'"),
+                    ({"base_budgets": 300}, "'base_budgets'"), ({"base_budgets": (True,)}, "'base_budgets'"),
+                    ({"base_budgets": (2.0,)}, "'base_budgets'"), ({"protocols": "all"}, "'protocols'"),
+                    ({"protocols": ()}, "'protocols'"), ({"protocols": ("all", "all")}, "'protocols'")):
+        with pytest.raises(ValueError, match=key):
+            _cfg(**kw)
+    cfg = _cfg(lr_grid=[0.5, 2], base_budgets=[2, 3], protocols=["all"], finetune_scope="all")
+    assert cfg.lr_grid == (0.5, 2.0) and cfg.base_budgets == (2, 3) and cfg.protocols == ("all",)
+    from tarp_fast.cli import main
+
+    monkeypatch.setenv("TARP_FAST_CACHE_DIR", str(tmp_path / "cache"))
+    folder = write_letter_corpus(tmp_path / "c", names=("alpha", "beta", "gamma", "delta"))
+    for toml, expected in (("[bench]\nprotocols = 'all'\n", "[bench] protocols"),
+                           ("[bench]\nprotocols = []\n", "[bench] protocols"),
+                           ("[bench]\nprotocols = ['most']\n", "[bench] protocols"),
+                           ("[bench]\nlr_grid = [1, true]\n", "[bench] lr_grid"),
+                           ("[bench]\nlr_grid = [[1]]\n", "[bench] lr_grid"),
+                           ("[bench]\nlr_grid = [1]\nvalidation_domain = ''\n", "[bench] validation_domain"),
+                           ("[bench]\nbase_budgets = 300\n", "[bench] base_budgets"),
+                           ("[bench]\nbase_budgets = [[300]]\n", "[bench] base_budgets")):
+        (tmp_path / "bad.toml").write_text(toml)
+        rc = main(["bench-adapt", "--config", str(tmp_path / "bad.toml"), "--corpus", folder, "--heldout", "delta",
+                   "--threads", "1", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err, (toml, err)

@@ -175,3 +175,82 @@ def test_eval_windows_sharing_a_shingle_with_training_text_are_dropped():
     # everything duplicated: the plain windows, flagged
     w2, rep2 = dedup_eval_windows(train, train[:640].clone(), 4, 64)
     assert rep2["fallback"] and w2.shape == (4, 64)
+
+
+def test_progress_plan_lists_the_phases_in_the_order_they_run(corpus, tmp_path):
+    """Before: the plan listed every seed's pretraining first while each seed's base is pretrained
+    at the start of that seed's phases, so the phases took their kind and cost from the wrong entry."""
+    from tarp_fast.meta import bench as bench_mod
+    from tarp_fast.meta.finetune import RunProgress
+
+    class Recorder(RunProgress):
+        def __init__(self):
+            super().__init__(mode="off")
+            self.started = []
+
+        def phase(self, desc, total, *, kind="train", cost=None):
+            self.started.append((kind, int(total), desc))
+            return super().phase(desc, total, kind=kind, cost=cost)
+
+    heldout = corpus.names[-1:]
+    cfg = _cfg(arms=("direct", "tarp", "multitask", "mltd_tarp", "multitask_tarp"), lr_grid=(1.0,))
+    val, _ = bench_mod.validation_split(corpus, heldout, cfg)
+    prep_corpus = corpus.split_heldout([*heldout, val])[0]
+    bench_mod.pretrained_base(prep_corpus, cfg, cache_dir=str(tmp_path), seed=0)  # seed 0's base is cached
+    for cache in (None, str(tmp_path)):
+        run = Recorder()
+        bench_mod.run_benchmark(corpus, heldout, cfg, cache_dir=cache, progress=run)
+        assert [(kind, steps) for kind, steps, _ in run.plan] == [(kind, steps) for kind, steps, _ in run.started]
+        assert run.done == len(run.plan)
+        pretrain = [i for i, (kind, _, _) in enumerate(run.started) if kind == "pretrain"]
+        seed1 = next(i for i, (_, _, desc) in enumerate(run.started) if "seed 1" in desc)
+        if cache is None:  # both bases pretrained, each at the head of its seed's phases
+            assert pretrain == [0, seed1]
+        else:  # seed 0's base is cached: no phase for it
+            assert pretrain == [seed1] and seed1 > 0
+        assert {kind for kind, _, _ in run.started} == {"pretrain", "train", "prepare", "finetune"}
+
+
+def test_save_figure_writes_a_png_atomically_and_leaves_no_temporary(tmp_path):
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tarp_fast._io import stale_temporaries
+    from tarp_fast.meta.bench import save_figure
+
+    path = tmp_path / "sub" / "fig.png"
+    for _ in range(2):  # a second write replaces the first
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [1, 0])
+        assert save_figure(fig, str(path)) == str(path)
+        assert not plt.fignum_exists(fig.number)  # closed
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert os.listdir(path.parent) == ["fig.png"] and not stale_temporaries(str(path.parent), r"fig\.png")
+
+
+def test_finetune_reports_each_steps_training_loss_to_its_phase(corpus):
+    from tarp_fast.data.sampling import DomainSplits
+    from tarp_fast.meta.bench import pretrained_base
+    from tarp_fast.meta.finetune import FinetuneRecipe, RunProgress, finetune
+
+    cfg = _cfg()
+    base, _, _ = pretrained_base(corpus, cfg)
+    sp = DomainSplits.of(corpus[corpus.names[0]].tokens)
+    run = RunProgress(mode="off")
+    seen = []
+    real = run.phase
+
+    def phase(*a, **kw):
+        ph = real(*a, **kw)
+        update = ph.update
+        ph.update = lambda n=1, **info: seen.append(info) or update(n, **info)
+        return ph
+
+    run.phase = phase
+    finetune(base, list(base.parameters()), sp.train, sp.eval, FinetuneRecipe(steps=3, batch_size=2, seq_len=16,
+                                                                               eval_windows=2), progress=run)
+    assert len(seen) == 3 and all(isinstance(i["loss"], float) and i["loss"] > 0 for i in seen)

@@ -21,7 +21,7 @@ def test_study_config_parses_every_key_is_valid_and_it_is_a_study():
     with open(STUDY, "rb") as fh:
         tree = tomllib.load(fh)
     _check_sections(tree, _known_keys(), STUDY)  # unknown sections or keys raise
-    cfg = _bench_config(_merge(DEMO_DEFAULTS, tree), STUDY)
+    cfg = _bench_config(_merge(DEMO_DEFAULTS, tree))
     bench = tree["bench"]
     assert len(cfg.seeds) >= 4 and len(bench["heldout"]) >= 3
     assert len(cfg.lr_grid) >= 2 and 1.0 in cfg.lr_grid
