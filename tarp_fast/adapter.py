@@ -103,6 +103,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -237,12 +238,9 @@ def save_adapter(model: nn.Module, directory: str, *, extra: Optional[dict] = No
         )
     if extra is not None and not isinstance(extra, dict):
         raise TypeError(f"save_adapter: argument 'extra' must be a dict or None, got {type(extra).__name__}")
-    tensors = {n: t.detach().to("cpu").contiguous().clone() for n, t in state.items()}
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"save_adapter: adapter tensor {name!r} holds non-finite values (NaN or inf)")
     layer_configs = {n: layer.tarp_config() for n, layer in layers.items()}
-    return write_adapter(directory, {TENSOR_PREFIX + n: t for n, t in tensors.items()}, layers=layer_configs,
+    # write_adapter copies them to the CPU and refuses non-finite values (naming the tensor)
+    return write_adapter(directory, {TENSOR_PREFIX + n: t for n, t in state.items()}, layers=layer_configs,
                          model=_model_identity(model), extra=extra or {}, header=peft_header(layer_configs, model),
                          func="save_adapter")
 
@@ -262,16 +260,32 @@ def peft_header(layers: dict, model: Optional[nn.Module] = None) -> dict:
     return header
 
 
+def _cpu_tensors(tensors: dict) -> dict:
+    """Detached, contiguous CPU tensors, each owning its memory: a tensor is copied only when
+    its memory is not its own already (on another device, a view into a larger buffer, or
+    memory another tensor of ``tensors`` uses too): safetensors refuses tensors sharing memory."""
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        c = t.detach().to("cpu").contiguous()
+        storage = c.untyped_storage()
+        if storage.nbytes() and (storage.data_ptr() in seen or storage.nbytes() != c.numel() * c.element_size()):
+            c = c.clone()
+        seen.add(c.untyped_storage().data_ptr())
+        out[name] = c
+    return out
+
+
 def write_adapter(directory: str, tensors: dict, *, layers: dict, model: dict, extra: dict, header: dict,
                   func: str) -> str:
-    """Write a format-3 adapter: ``tensors`` (CPU, named as in the file), the tarp-fast record and
-    the PEFT fields ``header``; validated as the loader will read it, then committed.
+    """Write a format-3 adapter: ``tensors`` (named as in the file; on any device, copied to the
+    CPU here), the tarp-fast record and the PEFT fields ``header``; validated as the loader will
+    read it, then committed.
 
     The one writer of adapters: :func:`save_adapter` and ``TarpConfig.save_pretrained`` (the PEFT
     path) both end here. Raises ``ValueError`` (prefixed ``func``) for a non-finite tensor,
     non-JSON content or a folder holding a PEFT adapter of another method.
     """
-    tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
+    tensors = _cpu_tensors(tensors)
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"{func}: adapter tensor {name!r} holds non-finite values (NaN or inf)")
@@ -745,18 +759,24 @@ def _plan_load(model: nn.Module, adapter: _Adapter, strict: bool) -> _Plan:
 
 
 def _check_model_identity(model: nn.Module, config: dict, cfile: _File) -> None:
+    """The recorded model type must be this model's (also checked for PEFT's ``TarpModel``)."""
     saved = config.get("model")  # version 1 records no model
-    if saved is None:
+    if not isinstance(saved, dict) or "model_type" not in saved:
         return
     mine = _model_identity(model)
     if saved["model_type"] != mine["model_type"]:
         raise cfile.error("model.model_type", f"says the adapter was saved from a {saved['model_type']!r} model "
-                                              f"({saved['class']}); this model is {mine['model_type']!r} "
+                                              f"({saved.get('class')}); this model is {mine['model_type']!r} "
                                               f"({mine['class']})")
 
 
-def _check_base_modules(model: nn.Module, layers: dict, cfile: _File) -> dict:
-    """Each adapter layer must name a distinct dense module with the saved features and bias."""
+def _check_base_modules(model: nn.Module, layers: dict, cfile: _File, *,
+                        resolve: Optional[Callable[[nn.Module], nn.Module]] = None) -> dict:
+    """Each adapter layer must name a distinct dense module with the saved features and bias.
+
+    ``resolve`` maps the module found under a layer's name to the one checked (PEFT's
+    ``TarpModel`` passes its layer's ``base_layer``); returns ``{layer name: checked module}``.
+    """
     found, seen = {}, {}
     for lname, cfg in layers.items():
         field = f"layers.{lname}"
@@ -764,6 +784,8 @@ def _check_base_modules(model: nn.Module, layers: dict, cfile: _File) -> dict:
             module = model.get_submodule(lname)
         except AttributeError:
             raise cfile.error(field, f"names a module this {type(model).__name__} lacks") from None
+        if resolve is not None:
+            module = resolve(module)
         if not _is_dense(module):
             raise cfile.error(field, f"names a {type(module).__name__} in this model; the adapter expects an "
                                      "nn.Linear or Conv1D")

@@ -292,7 +292,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for layer in layers.values():
             if not layer.merged:
-                layer.merge()  # writes into the base weight, which the original module shares
+                # writes into the base weight, which the original module shares; no copy of the
+                # base is kept (the layer is dropped right below)
+                layer.merge(keep_original=False)
             layer._merged_from = None  # keep the merged weight: unpatching must not restore the base
     unpatch_modules(model, list(layers))
     return model

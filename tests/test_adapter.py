@@ -52,6 +52,37 @@ def test_save_rejects_non_finite_and_unpatched(tmp_path):
         save_adapter(tiny_model("gpt2"), str(tmp_path / "b"))
 
 
+def test_save_copies_no_cpu_tensor_and_names_the_non_finite_one(tmp_path, monkeypatch):
+    """Before: save_adapter cloned every tensor and checked it, then write_adapter did both again."""
+    model = _patched()
+    clones = []
+    real_clone = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: (clones.append(tuple(t.shape)),
+                                                                  real_clone(t, *a, **k))[1])
+    save_adapter(model, str(tmp_path / "a"))
+    monkeypatch.undo()
+    assert not clones  # the CPU parameters are hashed and written as they are
+    saved = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS))
+    assert all(torch.equal(saved[TENSOR_PREFIX + n], p) for n, p in tarp_fast.patch.tarp_named_parameters(model))
+    name, param = _first_param(model)
+    with torch.no_grad():
+        param.view(-1)[0] = float("inf")
+    with pytest.raises(ValueError, match=rf"save_adapter: adapter tensor '{TENSOR_PREFIX}{name}' holds non-finite"):
+        save_adapter(model, str(tmp_path / "b"))
+    assert not (tmp_path / "b" / ADAPTER_CONFIG).exists()
+
+
+def test_save_adapter_parameters_sharing_memory(tmp_path):
+    """Two adapter parameters on one memory (safetensors refuses shared tensors): still saved, as
+    when save_adapter cloned every tensor."""
+    model = _patched()
+    a, b = model.transformer.h[0].attn.c_attn, model.transformer.h[1].attn.c_attn
+    b.tarp_V = torch.nn.Parameter(a.tarp_V.data)  # another Parameter, the same memory
+    save_adapter(model, str(tmp_path))
+    fresh = load_adapter(tiny_model("gpt2", seed=0), str(tmp_path))
+    assert torch.equal(fresh.transformer.h[1].attn.c_attn.tarp_V, a.tarp_V)
+
+
 def test_load_rejects_mismatched_model(tmp_path):
     save_adapter(_patched(rank=2), str(tmp_path))
     other = tiny_model("gpt2")

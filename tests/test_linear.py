@@ -320,3 +320,135 @@ def test_torch_compile_fullgraph_of_a_patched_gpt2_layer():
     torch.testing.assert_close(out, expected)
     out.sum().backward()
     assert layer.tarp_U.grad is not None and layer.weight.grad is not None
+
+
+# ---- the Kronecker layer with stacked per-task factors (batched preparation) ----------------------
+def _kronecker_rows_reference(layer, fast, x, rows, gate, skip_gate, residual):
+    """Each row alone, with the dense weight of its own task (the formula, not the layer)."""
+    M, K = rows.numel(), x.shape[-1]
+    xf, out = x.reshape(M, K), []
+    for m in range(M):
+        t = int(rows[m])
+        H, U, V = fast["tarp_H"][t], fast["tarp_KU"][t], fast["tarp_KV"][t]
+        w = layer.weight
+        if layer.scale_weight:
+            w = w * F.softplus(fast["tarp_P"][t] @ fast["tarp_Q"][t] + layer.scale_offset)
+        w = w + layer.scaling * sum(torch.kron(H[i], U[i] @ V[i]) for i in range(4))
+        y = F.linear(xf[m], w, layer.bias)
+        if gate is not None:
+            y = y * (gate[t] if gate.shape[0] != M else gate[m])
+        if skip_gate is not None:
+            y = y + skip_gate[m] * xf[m]
+        out.append(y + residual.reshape(M, -1)[m])
+    return torch.stack(out).view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("gates", ["none", "per_task", "per_row"])
+def test_kronecker_per_task_rows_use_their_own_task_once(gates, monkeypatch):
+    """Before: every task's weight ran on every row (T x the work), then one row per task was kept."""
+    from torch.func import functional_call
+
+    from tarp_fast import ops
+    from tarp_fast.meta.prepare import stacked_tasks
+
+    torch.manual_seed(11)
+    T, B, S = 4, 6, 5
+    layer = TARPLinear(12, 12, rank=2, variant="kronecker", scale_weight=True, scaling=0.7, dtype=torch.float64)
+    fast = {n: torch.randn(T, *p.shape, dtype=torch.float64, requires_grad=True)
+            for n, p in layer.tarp_named_parameters()}
+    per_seq = torch.tensor([2, 0, 2, 1, 0, 2])  # interleaved, and task 3 has no rows
+    rows = per_seq.repeat_interleave(S)
+    M = rows.numel()
+    x = torch.randn(B, S, 12, dtype=torch.float64, requires_grad=True)
+    residual = torch.randn(B, S, 12, dtype=torch.float64, requires_grad=True)
+    gate = {"none": None, "per_task": torch.rand(T, dtype=torch.float64) + 0.5,
+            "per_row": torch.rand(M, dtype=torch.float64) + 0.5}[gates]
+    skip_gate = torch.rand(M, dtype=torch.float64, requires_grad=True) if gates == "per_row" else None
+    if gate is not None:
+        gate.requires_grad_(True)
+    computed = []
+    real = ops.tarp_linear
+
+    def counting(inp, *args, **kwargs):
+        computed.append(math.prod(inp.shape[:-1]))
+        return real(inp, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "tarp_linear", counting)
+    with stacked_tasks(layer, T):
+        y = functional_call(layer, fast, (x,),
+                            {"task_index": per_seq, "gate": gate, "skip_gate": skip_gate, "residual": residual})
+    assert sum(computed) == M and len(computed) == 3  # each row once, one call per task that has rows
+    want = _kronecker_rows_reference(layer, fast, x, rows, gate, skip_gate, residual)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    inputs = [x, residual, *fast.values()] + [t for t in (gate, skip_gate) if t is not None]
+    cot = torch.randn_like(y)
+    got = torch.autograd.grad((y * cot).sum(), inputs)
+    ref = torch.autograd.grad((want * cot).sum(), inputs)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    for n, g in zip(fast, got[2:]):
+        assert float(g[3].abs().max()) == 0 and float(g[:3].abs().max()) > 0, n  # task 3 had no rows
+    # every row on one task: a single call on the whole input, equal to the single-task layer
+    computed.clear()
+    with stacked_tasks(layer, T):
+        y1 = functional_call(layer, fast, (x,), {"task_index": torch.full((B,), 1)})
+    assert computed == [M]
+    alone = functional_call(layer, {n: v[1] for n, v in fast.items()}, (x,))
+    torch.testing.assert_close(y1, alone, rtol=0, atol=0)
+
+
+def test_kronecker_per_task_bad_arguments_name_the_whole_input():
+    from torch.func import functional_call
+
+    from tarp_fast.meta.prepare import stacked_tasks
+
+    layer = TARPLinear(8, 8, rank=2, variant="kronecker", dtype=torch.float64)
+    fast = {n: torch.randn(2, *p.shape, dtype=torch.float64) for n, p in layer.tarp_named_parameters()}
+    x, ti = torch.randn(4, 3, 8, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    with stacked_tasks(layer, 2):
+        with pytest.raises(ValueError, match=r"'residual' must have shape \[4, 3, 8\] \(x's rows \[4, 3\]"):
+            functional_call(layer, fast, (x,), {"task_index": ti, "residual": torch.zeros(4, 8, dtype=torch.float64)})
+        with pytest.raises(ValueError, match=r"'gate' must be a scalar or \[M\]=\[12\]"):
+            functional_call(layer, fast, (x,), {"task_index": ti, "gate": torch.ones(5, dtype=torch.float64)})
+        with pytest.raises(ValueError, match=r"'x' must have last dimension K=8 .* got \[4, 3, 6\]"):
+            functional_call(layer, fast, (x[..., :6],), {"task_index": ti})
+
+
+# ---- shared with the PEFT layer; merging without keeping the base ---------------------------------
+@pytest.mark.parametrize("variant", ["dynamic", "bilinear", "kronecker"])
+def test_factor_shapes_helper_is_the_layers(variant):
+    from tarp_fast.nn.linear import tarp_factor_shapes
+
+    for T in (1, 3) if variant != "kronecker" else (1,):
+        layer = TARPLinear(12, 8, rank=3, variant=variant, scale_weight=True, scale_rank=2, num_tasks=T)
+        got = tarp_factor_shapes(12, 8, 3, variant, True, 2, T)
+        assert list(got.items()) == [(n, tuple(p.shape)) for n, p in layer.tarp_named_parameters()]
+
+
+def test_static_effective_weight_refuses_dynamic():
+    from tarp_fast.nn.linear import static_effective_weight
+
+    with pytest.raises(ValueError, match="'variant' must be 'bilinear' or 'kronecker'"):
+        static_effective_weight(torch.zeros(2, 2), {}, variant="dynamic", scaling=1.0, scale_offset=0.0,
+                                scale_weight=False)
+
+
+@pytest.mark.parametrize("variant", ["bilinear", "kronecker"])
+def test_merge_without_keeping_the_original(variant):
+    import copy
+
+    torch.manual_seed(4)
+    layers = [TARPLinear(8, 12, rank=2, variant=variant, scale_weight=True, init="paper") for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    layers[0].merge()
+    layers[1].merge(keep_original=False)
+    assert torch.equal(layers[0].weight, layers[1].weight)  # the same merged weight, bitwise
+    assert layers[1].merged and not isinstance(layers[1]._merged_from, torch.Tensor)  # no copy of the base
+    x = torch.randn(3, 8)
+    assert torch.equal(layers[1](x), layers[0](x))
+    for layer in (layers[1], copy.deepcopy(layers[1])):
+        assert layer.merged
+        with pytest.raises(RuntimeError, match="keep_original=False"):
+            layer.unmerge()
+        with pytest.raises(RuntimeError, match="already merged"):
+            layer.merge()

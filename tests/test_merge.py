@@ -162,3 +162,29 @@ def test_load_adapter_ignores_init(tmp_path):
     tarp_fast.patch_model(paper, rank=2, variant="bilinear", scale_weight=True, init="paper")
     with pytest.raises(ValueError, match="scale_offset"):
         tarp_fast.load_adapter(paper, str(tmp_path / "s"))
+
+
+def test_merge_and_unload_keeps_no_copy_of_the_base_weights(monkeypatch):
+    """Before: every layer's merge() cloned its base weight into _merged_from, only to drop it."""
+    from tarp_fast.nn.linear import TARPLinear
+
+    model = _trained("gpt2", variant="bilinear", scale_weight=True)
+    reference = copy.deepcopy(model)
+    calls, clones = [], []
+    real_merge, real_clone = TARPLinear.merge, torch.Tensor.clone
+
+    def spy(self, **kw):
+        calls.append(kw)
+        return real_merge(self, **kw)
+
+    monkeypatch.setattr(TARPLinear, "merge", spy)
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: (clones.append(tuple(t.shape)),
+                                                                  real_clone(t, *a, **k))[1])
+    n = len(tarp_layers(model))
+    tarp_fast.merge_and_unload(model)
+    monkeypatch.undo()
+    assert calls == [{"keep_original": False}] * n and not clones, (calls, clones)
+    # the weights are those of merge() (which keeps the original), bitwise
+    for name, layer in tarp_layers(reference).items():
+        layer.merge()
+        assert torch.equal(model.get_submodule(name).weight, layer.weight), name

@@ -375,6 +375,22 @@ def test_adapter_of_another_model_is_refused_before_anything_changes(tmp_path):
         PeftModel.from_pretrained(wide, str(tmp_path))
 
 
+def test_adapter_layers_naming_one_module_twice_are_refused(tmp_path):
+    """Before: TarpModel's copy of load_adapter's model checks lacked the check that two saved
+    layers name two modules (one module reachable under two names got both deltas' checks passed)."""
+    _peft("gpt2").save_pretrained(str(tmp_path))
+    model = tiny_model("gpt2")
+    model.transformer.h[1].attn.c_attn = model.transformer.h[0].attn.c_attn  # one module, two names
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    same = r"field 'layers.transformer.h.[01].attn.c_attn' names the same module as layer 'transformer.h.[01].attn.c_attn'"
+    with pytest.raises(ValueError, match=f"TarpModel.inject_adapter: .*{same}"):
+        PeftModel.from_pretrained(model, str(tmp_path))
+    assert not any(isinstance(m, TarpLayer) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    with pytest.raises(ValueError, match=f"load_adapter: .*{same}"):
+        tarp_fast.load_adapter(model, str(tmp_path))
+
+
 def test_corrupted_peft_adapter_is_refused_by_peft_too(tmp_path):
     _peft("gpt2").save_pretrained(str(tmp_path))
     path = tmp_path / ADAPTER_WEIGHTS

@@ -44,7 +44,7 @@ Initialization:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -134,9 +134,91 @@ def init_kronecker_factor_(name: str, t: torch.Tensor, init: str) -> None:
         raise ValueError(f"init_kronecker_factor_: argument 'name' must be one of {KRONECKER_FACTORS}, got {name!r}")
 
 
+def tarp_factor_shapes(in_features: int, out_features: int, rank: int, variant: str, scale_weight: bool,
+                       scale_rank: int, num_tasks: int = 1, *, who: str = "TARPLinear") -> dict:
+    """``{name: shape}`` of a layer's adapter factors, in parameter order (shared with the PEFT layer).
+
+    ``tarp_U [N, r]``, ``tarp_V [r, K]`` (dynamic, bilinear), ``tarp_G [r*r, K]`` (dynamic), the
+    Kronecker factors of :func:`kronecker_factor_shapes` (kronecker; ``ValueError`` prefixed
+    ``who`` when ``N`` or ``K`` is not a multiple of ``n``), ``tarp_P [N, q]``, ``tarp_Q [q, K]``
+    (``scale_weight``). With ``num_tasks = T > 1`` every factor but the Kronecker ones gets a
+    leading ``T``.
+    """
+    N, K, r, q = out_features, in_features, rank, scale_rank
+    lead = (num_tasks,) if num_tasks > 1 else ()
+    shapes = {}
+    if variant in ("dynamic", "bilinear"):
+        shapes.update(tarp_U=(*lead, N, r), tarp_V=(*lead, r, K))
+    if variant == "dynamic":
+        shapes["tarp_G"] = (*lead, r * r, K)
+    if variant == "kronecker":  # single-task only (_check_config): no leading T
+        shapes.update(kronecker_factor_shapes(K, N, r, who=who))
+    if scale_weight:
+        shapes.update(tarp_P=(*lead, N, q), tarp_Q=(*lead, q, K))
+    return shapes
+
+
+@torch.no_grad()
+def init_factor_(name: str, t: torch.Tensor, init: str, *, in_features: int, rank: int) -> None:
+    """Initialize one adapter factor ``t`` (one task's, no leading ``T``) in place, per ``init``
+    (module docstring; shared with the PEFT layer).
+
+    ``"paper"``: ``N(0, PAPER_INIT_STD²)``. ``"zero_delta"``: ``U = P = 0`` (the layer equals its
+    base); ``G ~ N(0, 1/(K r))`` (``S = G x`` has entries of the size of ``h = V x / sqrt(r)``, so
+    ``z = S h`` keeps ``h``'s scale); ``V``, ``Q``: LoRA's ``A`` initialization; the Kronecker
+    factors as :func:`init_kronecker_factor_`.
+    """
+    if name in KRONECKER_FACTORS:
+        init_kronecker_factor_(name, t, init)
+    elif init == "paper":
+        t.normal_(0.0, PAPER_INIT_STD)
+    elif name in ("tarp_U", "tarp_P"):
+        t.zero_()  # the zero factor makes the layer equal its base at init
+    elif name == "tarp_G":
+        t.normal_(0.0, 1.0 / math.sqrt(in_features * rank))
+    else:  # V, Q: the LoRA "A" initialization
+        nn.init.kaiming_uniform_(t.view(t.shape[0], -1) if t.dim() > 2 else t, a=math.sqrt(5))
+
+
+def static_effective_weight(weight: torch.Tensor, factors: dict, *, variant: str, scaling: float,
+                            scale_offset: float, scale_weight: bool) -> torch.Tensor:
+    """The weight a static delta folds into: ``W ⊙ softplus(P Q + scale_offset) + scaling · Δ``
+    with ``Δ = U V`` (``bilinear``) or ``Σ_i H_i ⊗ (U_i V_i)`` (``kronecker``).
+
+    ``factors`` maps factor names (``tarp_U`` ...) to tensors; they may carry one leading task
+    dimension ``[T]`` (the result is then ``[T, N, K]``). The one formula of
+    :meth:`TARPLinear.merge`, the Kronecker forward and the PEFT layer.
+    """
+    w = weight
+    if scale_weight:
+        w = w * F.softplus(factors["tarp_P"] @ factors["tarp_Q"] + scale_offset)
+    if variant == "kronecker":
+        delta = kronecker_delta(factors["tarp_H"], factors["tarp_KU"], factors["tarp_KV"])
+    elif variant == "bilinear":
+        delta = factors["tarp_U"] @ factors["tarp_V"]
+    else:
+        raise ValueError(f"static_effective_weight: argument 'variant' must be 'bilinear' or 'kronecker' (a "
+                         f"'dynamic' delta depends on the input), got {variant!r}")
+    return w + scaling * delta
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' GPT-2 ``Conv1D`` (weight ``[in, out]``), recognised without importing it."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+class _OriginalDropped:
+    """``TARPLinear._merged_from`` of a layer merged with ``keep_original=False`` (no base weight
+    kept): merged, and not unmergeable. One object: copies and pickles stay it."""
+
+    def __reduce__(self):
+        return "_ORIGINAL_DROPPED"
+
+    def __repr__(self) -> str:
+        return "<base weight not kept>"
+
+
+_ORIGINAL_DROPPED = _OriginalDropped()
 
 
 class TARPLinear(nn.Linear):
@@ -195,7 +277,8 @@ class TARPLinear(nn.Linear):
         self.scale_offset = 0.0 if init == "paper" else DEFAULT_SCALE_OFFSET
         self.backend = "auto"
         self.activation = "none"
-        self._merged_from: Optional[torch.Tensor] = None
+        # the base weight before merge(); _ORIGINAL_DROPPED after merge(keep_original=False)
+        self._merged_from: Optional[Union[torch.Tensor, _OriginalDropped]] = None
         self._conv1d_layout = False
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._create_tarp_parameters(self.weight.device, self.weight.dtype)
@@ -203,20 +286,10 @@ class TARPLinear(nn.Linear):
 
     # ---- parameters -------------------------------------------------------------------------
     def _create_tarp_parameters(self, device, dtype) -> None:
-        N, K, r, q = self.out_features, self.in_features, self.rank, self.scale_rank
-        lead = (self.num_tasks,) if self.num_tasks > 1 else ()
-        kw = dict(device=device, dtype=dtype)
-        if self.variant in ("dynamic", "bilinear"):
-            self.tarp_U = nn.Parameter(torch.empty(*lead, N, r, **kw))
-            self.tarp_V = nn.Parameter(torch.empty(*lead, r, K, **kw))
-        if self.variant == "dynamic":
-            self.tarp_G = nn.Parameter(torch.empty(*lead, r * r, K, **kw))
-        if self.variant == "kronecker":  # single-task only (_check_config): no leading T
-            for name, shape in kronecker_factor_shapes(K, N, r).items():
-                setattr(self, name, nn.Parameter(torch.empty(shape, **kw)))
-        if self.scale_weight:
-            self.tarp_P = nn.Parameter(torch.empty(*lead, N, q, **kw))
-            self.tarp_Q = nn.Parameter(torch.empty(*lead, q, K, **kw))
+        shapes = tarp_factor_shapes(self.in_features, self.out_features, self.rank, self.variant, self.scale_weight,
+                                    self.scale_rank, self.num_tasks)
+        for name, shape in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -226,22 +299,11 @@ class TARPLinear(nn.Linear):
     @torch.no_grad()
     def reset_tarp_parameters(self) -> None:
         """(Re-)initialize the adapter factors per ``self.init`` (every task identically)."""
-        K, r = self.in_features, self.rank
         for name, p in self.tarp_named_parameters():
             # Kronecker factors never carry a task dimension in the layer (single-task only; the
             # per-task copies of batched preparation live outside it)
             one = p[0] if (self.num_tasks > 1 and name not in KRONECKER_FACTORS) else p
-            if name in KRONECKER_FACTORS:
-                init_kronecker_factor_(name, one, self.init)
-            elif self.init == "paper":
-                one.normal_(0.0, PAPER_INIT_STD)
-            elif name in ("tarp_U", "tarp_P"):
-                one.zero_()  # the zero factor makes the layer equal its base at init
-            elif name == "tarp_G":
-                # S = G x has entries of the size of h = V x / sqrt(r): z = S h keeps h's scale.
-                one.normal_(0.0, 1.0 / math.sqrt(K * r))
-            else:  # V, Q: the LoRA "A" initialization
-                nn.init.kaiming_uniform_(one.view(one.shape[0], -1) if one.dim() > 2 else one, a=math.sqrt(5))
+            init_factor_(name, one, self.init, in_features=self.in_features, rank=self.rank)
             if one is not p:
                 p.copy_(one.unsqueeze(0).expand_as(p))
 
@@ -318,11 +380,10 @@ class TARPLinear(nn.Linear):
 
     # ---- forward ------------------------------------------------------------------------------
     def _effective_weight(self) -> torch.Tensor:
-        """Kronecker: ``W ⊙ softplus(P Q + offset) + scaling Σ_i H_i ⊗ (U_i V_i)`` materialized (``[N, K]``)."""
-        w = self.linear_weight
-        if self.scale_weight:
-            w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)
-        return w + self.scaling * kronecker_delta(self.tarp_H, self.tarp_KU, self.tarp_KV)
+        """``W ⊙ softplus(P Q + offset) + scaling Δ`` materialized (``[N, K]``; a static variant)."""
+        return static_effective_weight(self.linear_weight, self._static_factors(), variant=self.variant,
+                                       scaling=self.scaling, scale_offset=self.scale_offset,
+                                       scale_weight=self.scale_weight)
 
     def forward(self, x, *, task_index=None, gate=None, skip_gate=None, residual=None):
         if isinstance(task_index, torch.Tensor):
@@ -364,28 +425,56 @@ class TARPLinear(nn.Linear):
             getattr(self, "tarp_P", None), getattr(self, "tarp_Q", None), scaling=self.scaling, **common,
         )
 
+    def _static_factors(self) -> dict:
+        """The factors of a static delta (``bilinear``/``kronecker``, plus ``P``/``Q``) by name."""
+        names = KRONECKER_FACTORS if self.variant == "kronecker" else ("tarp_U", "tarp_V")
+        if self.scale_weight:
+            names = (*names, "tarp_P", "tarp_Q")
+        return {n: getattr(self, n) for n in names}
+
     def _kronecker_per_task(self, x: torch.Tensor, task_index: torch.Tensor, common: dict) -> torch.Tensor:
         """A Kronecker layer with several tasks: one dense weight per task, each row computed with
         its task's. Each factor may carry a leading task dimension (the stacked per-task copies of
         batched preparation: ``H [T, n, n, n]``, ``KU [T, n, N/n, r]``, ``KV [T, n, r, K/n]``,
-        ``P [T, N, q]``, ``Q [T, q, K]``) or be shared by the tasks (no leading ``T``)."""
+        ``P [T, N, q]``, ``Q [T, q, K]``) or be shared by the tasks (no leading ``T``).
+
+        Each task's weight computes its own rows only: the rows are grouped by task (one stable
+        sort), each group is one ``tarp_linear`` call (per-row gates and ``residual`` split with
+        it), and the outputs are put back in row order (one gather); autograd routes each row's
+        gradient to its task's factors. Arguments ``tarp_linear`` refuses (and an input without
+        rows) take one call per task on every row instead, so the error is the one the whole
+        input gives.
+        """
         T = self.num_tasks
-        # Shared factors are expanded (a view, no copy) so kronecker_delta sees one leading [T].
-        H, U, V = (f if f.dim() == 4 else f.unsqueeze(0).expand(T, *f.shape)
-                   for f in (self.tarp_H, self.tarp_KU, self.tarp_KV))
-        kron = kronecker_delta(H, U, V)  # [T, N, K]
-        w = self.linear_weight
-        if self.scale_weight:
-            w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)  # [N, K] or [T, N, K]
-        weights = w + self.scaling * kron  # [T, N, K]
+        f = self._static_factors()
+        for n in KRONECKER_FACTORS:  # shared factors expanded (a view, no copy): one leading [T] for kronecker_delta
+            if f[n].dim() == 3:
+                f[n] = f[n].unsqueeze(0).expand(T, *f[n].shape)
+        weights = static_effective_weight(self.linear_weight, f, variant="kronecker", scaling=self.scaling,
+                                          scale_offset=self.scale_offset, scale_weight=self.scale_weight)  # [T, N, K]
         kw = {**common, "task_index": None}
         for key in ("gate", "skip_gate"):  # per-task gates [T] become per-row gates [M]
             g = kw[key]
             if isinstance(g, torch.Tensor) and g.dim() == 1 and g.shape[0] == T and T != task_index.numel():
                 kw[key] = g.index_select(0, task_index)
-        outs = torch.stack([ops.tarp_linear(x, weights[t], self.bias, **kw) for t in range(T)])  # [T, ..., N]
-        sel = task_index.view(1, *x.shape[:-1], 1).expand(1, *outs.shape[1:])
-        return outs.gather(0, sel).squeeze(0)
+        groups = _task_groups(x, task_index, kw, weights)
+        if groups is None:
+            outs = torch.stack([ops.tarp_linear(x, weights[t], self.bias, **kw) for t in range(T)])  # [T, ..., N]
+            sel = task_index.view(1, *x.shape[:-1], 1).expand(1, *outs.shape[1:])
+            return outs.gather(0, sel).squeeze(0)
+        order, counts, rowwise = groups
+        if max(counts) == task_index.numel():  # every row on one task: no grouping needed
+            return ops.tarp_linear(x, weights[counts.index(max(counts))], self.bias, **kw)
+        split = {k: v.index_select(0, order).split(counts) for k, v in rowwise.items()}
+        parts = []
+        for t, count in enumerate(counts):
+            if count:
+                parts.append(ops.tarp_linear(split["x"][t], weights[t], self.bias,
+                                             **{**kw, **{k: v[t] for k, v in split.items() if k != "x"}}))
+        y = torch.cat(parts)  # [M, N], rows grouped by task
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        return y.index_select(0, inverse).view(*x.shape[:-1], y.shape[-1])
 
     def _rows_task_index(self, x: torch.Tensor, task_index) -> torch.Tensor:
         """Expand ``[B]`` (per sequence) or ``x.shape[:-1]`` task ids to ``[M]`` rows."""
@@ -417,8 +506,13 @@ class TARPLinear(nn.Linear):
 
     # ---- merge / unmerge ----------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold a static delta into ``weight`` (inference). Bitwise undone by :meth:`unmerge`."""
+    def merge(self, *, keep_original: bool = True) -> None:
+        """Fold a static delta into ``weight`` (inference). Bitwise undone by :meth:`unmerge`.
+
+        ``keep_original=False`` keeps no copy of the base weight (no memory for it): the layer is
+        merged for good and :meth:`unmerge` raises ``RuntimeError`` (what ``merge_and_unload``
+        uses, which drops the layer right after).
+        """
         if self.variant == "dynamic":
             raise RuntimeError(
                 "TARPLinear.merge: variant='dynamic' cannot be merged: its delta U S(x) V depends on the "
@@ -428,15 +522,8 @@ class TARPLinear(nn.Linear):
             raise RuntimeError(f"TARPLinear.merge: num_tasks={self.num_tasks} has one delta per task; merge needs num_tasks=1")
         if self._merged_from is not None:
             raise RuntimeError("TARPLinear.merge: the layer is already merged; call unmerge() first")
-        original = self.linear_weight.detach().clone()
-        if self.variant == "kronecker":
-            merged = self._effective_weight()
-        else:
-            w = self.linear_weight
-            if self.scale_weight:
-                w = w * F.softplus(self.tarp_P @ self.tarp_Q + self.scale_offset)
-            merged = w + self.scaling * (self.tarp_U @ self.tarp_V)
-        self.linear_weight.copy_(merged)
+        original = self.linear_weight.detach().clone() if keep_original else _ORIGINAL_DROPPED
+        self.linear_weight.copy_(self._effective_weight())
         self._merged_from = original
 
     @torch.no_grad()
@@ -444,6 +531,9 @@ class TARPLinear(nn.Linear):
         """Restore the base weight saved by :meth:`merge`, bitwise."""
         if self._merged_from is None:
             raise RuntimeError("TARPLinear.unmerge: the layer is not merged")
+        if self._merged_from is _ORIGINAL_DROPPED:
+            raise RuntimeError("TARPLinear.unmerge: the layer was merged with keep_original=False, so the base weight "
+                               "was not kept; it cannot be unmerged")
         self.linear_weight.copy_(self._merged_from)
         self._merged_from = None
 
@@ -467,6 +557,40 @@ class TARPLinear(nn.Linear):
         if self._conv1d_layout:
             parts.append("from=Conv1D")
         return ", ".join(parts)
+
+
+def _task_groups(x: torch.Tensor, task_index: torch.Tensor, kw: dict, weights: torch.Tensor):
+    """The rows of ``x`` grouped by task, for :meth:`TARPLinear._kronecker_per_task`.
+
+    Returns ``(order, counts, rowwise)``: ``order [M]`` the row indices sorted by task (stable),
+    ``counts`` the number of rows of each of the ``T`` tasks (a list: one host sync), and
+    ``rowwise[name]`` the per-row tensors to split: ``x`` as ``[M, K]`` and the per-row arguments
+    in ``kw`` (``gate``/``skip_gate [M]``, ``residual`` as ``[M, N]``). ``None`` when the
+    call should not be split: no rows, an argument ``tarp_linear`` refuses (wrong shape or device:
+    its error names the whole input's sizes), or a task id outside ``[0, T)``.
+    """
+    T, N, K = weights.shape
+    M = task_index.numel()
+    if M == 0 or not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != K:
+        return None
+    rowwise = {"x": x.reshape(M, K)}
+    for key in ("gate", "skip_gate"):
+        g = kw[key]
+        if isinstance(g, torch.Tensor) and g.dim() > 0:
+            if g.dim() != 1 or g.shape[0] != M or g.device != x.device:
+                return None
+            rowwise[key] = g
+    res = kw["residual"]
+    if res is not None:
+        if not isinstance(res, torch.Tensor) or tuple(res.shape) != (*x.shape[:-1], N) or res.device != x.device:
+            return None
+        rowwise["residual"] = res.reshape(M, N)
+    ids, order = torch.sort(task_index, stable=True)
+    bounds = torch.searchsorted(ids, torch.arange(T + 1, device=ids.device)).tolist()
+    if bounds[0] != 0 or bounds[T] != M:  # a task id < 0 or >= T
+        return None
+    counts = [bounds[t + 1] - bounds[t] for t in range(T)]
+    return order, counts, rowwise
 
 
 def expand_task_index(task_index: torch.Tensor, batch: int, *,
@@ -498,19 +622,22 @@ def _integer_task_index(task_index: torch.Tensor) -> None:
         )
 
 
-def _check_config(rank, variant, scale_rank, scaling, num_tasks, init) -> None:
+def _check_config(rank, variant, scale_rank, scaling, num_tasks, init, *, who: str = "TARPLinear",
+                  rank_arg: str = "'rank'") -> None:
+    """Clear ``ValueError`` s (prefixed ``who``) naming the bad argument (rank 0, unknown variant, ...);
+    ``rank_arg`` is how the message names the rank (the PEFT config calls it ``'r' (the rank)``)."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"TARPLinear: argument 'rank' must be a positive int, got {rank!r}")
+        raise ValueError(f"{who}: argument {rank_arg} must be a positive int, got {rank!r}")
     if variant not in VARIANTS:
-        raise ValueError(f"TARPLinear: argument 'variant' must be one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"{who}: argument 'variant' must be one of {VARIANTS}, got {variant!r}")
     if scale_rank is not None and (isinstance(scale_rank, bool) or not isinstance(scale_rank, int) or scale_rank < 1):
-        raise ValueError(f"TARPLinear: argument 'scale_rank' must be a positive int or None, got {scale_rank!r}")
+        raise ValueError(f"{who}: argument 'scale_rank' must be a positive int or None, got {scale_rank!r}")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"TARPLinear: argument 'scaling' must be a finite float, got {scaling!r}")
+        raise ValueError(f"{who}: argument 'scaling' must be a finite float, got {scaling!r}")
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-        raise ValueError(f"TARPLinear: argument 'num_tasks' must be a positive int, got {num_tasks!r}")
+        raise ValueError(f"{who}: argument 'num_tasks' must be a positive int, got {num_tasks!r}")
     if variant == "kronecker" and num_tasks > 1:
-        raise ValueError("TARPLinear: variant='kronecker' supports num_tasks=1 only, got num_tasks=" + str(num_tasks))
+        raise ValueError(f"{who}: variant='kronecker' supports num_tasks=1 only, got num_tasks=" + str(num_tasks))
     if init not in INITS:
-        raise ValueError(f"TARPLinear: argument 'init' must be one of {INITS}, got {init!r}")
+        raise ValueError(f"{who}: argument 'init' must be one of {INITS}, got {init!r}")
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import math
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -55,15 +54,13 @@ from .. import ops
 from .._contract import DEFAULT_SCALE_OFFSET
 from ..nn import context as _context
 from ..nn.linear import (
-    INITS,
     KRONECKER_FACTORS,
-    PAPER_INIT_STD,
-    VARIANTS,
+    _check_config,
     _is_conv1d,
     expand_task_index,
-    init_kronecker_factor_,
-    kronecker_delta,
-    kronecker_factor_shapes,
+    init_factor_,
+    static_effective_weight,
+    tarp_factor_shapes,
 )
 from ..patch import _target_predicate
 
@@ -238,17 +235,9 @@ def _download(repo_id: str, subfolder: Optional[str], hub_kwargs: dict) -> str:
 
 
 def _check_settings(who: str, r, variant, scale_rank, scaling, init) -> None:
-    """Clear errors that name the argument (rank 0, unknown variant, ...)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ValueError(f"{who}: argument 'r' (the rank) must be a positive int, got {r!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"{who}: argument 'variant' must be one of {list(VARIANTS)}, got {variant!r}")
-    if scale_rank is not None and (isinstance(scale_rank, bool) or not isinstance(scale_rank, int) or scale_rank < 1):
-        raise ValueError(f"{who}: argument 'scale_rank' must be a positive int or None, got {scale_rank!r}")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
-        raise ValueError(f"{who}: argument 'scaling' must be a finite number, got {scaling!r}")
-    if init not in INITS:
-        raise ValueError(f"{who}: argument 'init' must be one of {list(INITS)}, got {init!r}")
+    """Clear errors that name the argument (rank 0, unknown variant, ...): TARPLinear's checks
+    (``num_tasks`` is always 1 here), with the rank called ``'r'`` as in :class:`TarpConfig`."""
+    _check_config(r, variant, scale_rank, scaling, 1, init, who=who, rank_arg="'r' (the rank)")
 
 
 # ---- mixed-adapter routing -------------------------------------------------------------------------
@@ -510,44 +499,22 @@ def _stackable(settings: list) -> bool:
 
 def _effective_weight(w: torch.Tensor, s: dict, f: dict) -> torch.Tensor:
     """``W ⊙ softplus(P Q + offset) + scaling · Δ`` for a static adapter (Δ = U V or Σ_i H_i ⊗ (U_i V_i))."""
-    if s["scale_weight"]:
-        w = w * F.softplus(f["tarp_P"] @ f["tarp_Q"] + s["scale_offset"])
-    if s["variant"] == "kronecker":
-        delta = kronecker_delta(f["tarp_H"], f["tarp_KU"], f["tarp_KV"])
-    else:
-        delta = f["tarp_U"] @ f["tarp_V"]
-    return w + s["scaling"] * delta
+    return static_effective_weight(w, f, variant=s["variant"], scaling=s["scaling"], scale_offset=s["scale_offset"],
+                                   scale_weight=s["scale_weight"])
 
 
 def _init_factors(s: dict, device, dtype) -> dict:
-    """New factors as :meth:`tarp_fast.TARPLinear.reset_tarp_parameters` initializes them."""
-    N, K, r, q = s["out_features"], s["in_features"], s["rank"], s["scale_rank"]
-    kw = dict(device=device, dtype=dtype)
-    shapes = {}
-    if s["variant"] in ("dynamic", "bilinear"):
-        shapes.update(tarp_U=(N, r), tarp_V=(r, K))
-    if s["variant"] == "dynamic":
-        shapes["tarp_G"] = (r * r, K)
-    if s["variant"] == "kronecker":  # ValueError naming in/out_features when not multiples of n
-        shapes.update(kronecker_factor_shapes(K, N, r, who="TarpLayer"))
-    if s["scale_weight"]:
-        shapes.update(tarp_P=(N, q), tarp_Q=(q, K))
+    """New factors as :meth:`tarp_fast.TARPLinear.reset_tarp_parameters` initializes them (the
+    same shapes and rules: :func:`~tarp_fast.nn.linear.tarp_factor_shapes`, ``init_factor_``)."""
+    # ValueError naming in/out_features when a kronecker layer's are not multiples of n
+    shapes = tarp_factor_shapes(s["in_features"], s["out_features"], s["rank"], s["variant"], s["scale_weight"],
+                                s["scale_rank"], who="TarpLayer")
     out = {}
-    with torch.no_grad():
-        for name, shape in shapes.items():
-            t = torch.empty(shape, **kw)
-            if t.device.type != "meta":
-                if name in KRONECKER_FACTORS:
-                    init_kronecker_factor_(name, t, s["init"])
-                elif s["init"] == "paper":
-                    t.normal_(0.0, PAPER_INIT_STD)
-                elif name in ("tarp_U", "tarp_P"):
-                    t.zero_()
-                elif name == "tarp_G":
-                    t.normal_(0.0, 1.0 / math.sqrt(K * r))
-                else:
-                    nn.init.kaiming_uniform_(t.view(t.shape[0], -1) if t.dim() > 2 else t, a=math.sqrt(5))
-            out[name] = t
+    for name, shape in shapes.items():
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if t.device.type != "meta":
+            init_factor_(name, t, s["init"], in_features=s["in_features"], rank=s["rank"])
+        out[name] = t
     return out
 
 
@@ -736,40 +703,23 @@ def _resolve_targets(model: nn.Module, config: TarpConfig) -> None:
 def _check_loaded_adapter(model: nn.Module, config: TarpConfig) -> None:
     """A loaded adapter must be this model's: model type, layers with the saved shapes, single-task.
 
-    ``ValueError`` naming the file (or the config) and the field; nothing is changed.
+    ``ValueError`` naming the file (or the config) and the field; nothing is changed. The model
+    and module checks are :func:`tarp_fast.load_adapter`'s (a layer already wrapped by a
+    :class:`TarpLayer` is checked by its base layer); the rest is what PEFT cannot load.
     """
     if config.layers is None:
         return
     where = _adapter._File("TarpModel.inject_adapter", config.__dict__.get("_tarp_source", "TarpConfig"))
-    saved = config.model
-    if isinstance(saved, dict) and "model_type" in saved:
-        mine = _adapter._model_identity(model)
-        if saved["model_type"] != mine["model_type"]:
-            raise where.error("model.model_type", f"says the adapter was saved from a {saved['model_type']!r} model "
-                                                  f"({saved.get('class')}); this model is {mine['model_type']!r} "
-                                                  f"({mine['class']})")
+    _adapter._check_model_identity(model, {"model": config.model}, where)
     extra = config.extra or {}
     if "tams" in extra:
         raise where.error("extra.tams", "holds TAMS modules, which load with tarp_fast.tams.load_tams, not with PEFT")
     for lname, cfg in config.layers.items():
-        fieldname = f"layers.{lname}"
         if cfg.get("num_tasks", 1) != 1:
-            raise where.error(f"{fieldname}.num_tasks", f"is {cfg['num_tasks']}: a multi-task adapter (integer task "
-                                                       "ids) loads with tarp_fast.load_adapter; in PEFT use one named "
-                                                       "adapter per task")
-        try:
-            module = _unwrapped(model.get_submodule(lname))
-        except AttributeError:
-            raise where.error(fieldname, f"names a module this {type(model).__name__} lacks") from None
-        conv = _is_conv1d(module)
-        if not (isinstance(module, nn.Linear) or conv):
-            raise where.error(fieldname, f"names a {type(module).__name__} in this model; the adapter expects an "
-                                         "nn.Linear or Conv1D")
-        mine = {"in_features": module.nx if conv else module.in_features,
-                "out_features": module.nf if conv else module.out_features, "bias": module.bias is not None}
-        for key, value in mine.items():
-            if cfg[key] != value:
-                raise where.error(f"{fieldname}.{key}", f"is {cfg[key]!r}, module {lname!r} of this model has {value!r}")
+            raise where.error(f"layers.{lname}.num_tasks", f"is {cfg['num_tasks']}: a multi-task adapter (integer "
+                                                          "task ids) loads with tarp_fast.load_adapter; in PEFT use "
+                                                          "one named adapter per task")
+    _adapter._check_base_modules(model, config.layers, where, resolve=_unwrapped)
 
 
 # ---- public helpers --------------------------------------------------------------------------------
