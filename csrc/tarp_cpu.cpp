@@ -699,7 +699,9 @@ std::tuple<Tensor, Tensor, Tensor> bwd_weight(const Bwd<scalar_t>& c, const Tens
   }
   const bool multi = c.multi;
   const bool need_a = c.need.P || c.need.Q;
-  if (c.need.weight) dW = at::zeros_like(c.weight);
+  // contiguous [N, K] whatever the weight's strides (a Conv1D layer's transposed view): the op's fake
+  // kernel promises that layout
+  if (c.need.weight) dW = at::zeros({c.N, c.K}, c.opts);
   if (c.need.P) dP = at::zeros_like(c.P);
   if (c.need.Q) dQ = at::zeros_like(c.Q);
   Tensor D = at::empty({c.N, c.K}, c.opts);
